@@ -1,0 +1,76 @@
+"""Shared fixtures: the data beside the project, loaded once per session."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from symat_jax.data import read_csv
+
+csv.field_size_limit(1 << 30)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _shared_root() -> pathlib.Path:
+    """Return the folder holding ``shared/`` data and golden outputs."""
+    env = os.environ.get("SYMAT_SHARED_DIR")
+    return pathlib.Path(env) if env else REPO.parent / "shared"
+
+
+SHARED = _shared_root()
+DATA = SHARED / "data"
+GOLDEN = SHARED / "golden" / "reference_outputs.npz"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> pathlib.Path:
+    """Return the shared data root (skip when it is absent)."""
+    if not DATA.exists():
+        pytest.skip(f"shared data not found at {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, np.ndarray]:
+    """Return the reference implementation's outputs (SPEC 8)."""
+    if not GOLDEN.exists():
+        pytest.skip(f"golden outputs not found at {GOLDEN}")
+    with np.load(GOLDEN) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+    """Return a session-wide cache folder (tests never write beside the shared data)."""
+    return tmp_path_factory.mktemp("symat_cache")
+
+
+@pytest.fixture(scope="session")
+def test_splits(data_root, cache_dir):
+    """Return ``{dataset: CrystalDataset}`` of both test.csv files, without encoder graphs."""
+    return {
+        name: read_csv(data_root / name / "test.csv", name, with_graph=False, cache_dir=cache_dir, progress=False)
+        for name in ("carbon_24", "perov_5")
+    }
+
+
+def csv_rows(path: pathlib.Path) -> list[dict[str, str]]:
+    """Return the rows of a CDVAE CSV file."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_csv(path: pathlib.Path, rows: list[dict[str, str]]) -> pathlib.Path:
+    """Write ``rows`` as a CDVAE CSV file and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
