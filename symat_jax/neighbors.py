@@ -121,8 +121,6 @@ def periodic_neighbors(
     n = positions.shape[0]
     m = images.shape[0]
     k = max_neighbors
-    if k > n * m:
-        raise ValueError(f"max_neighbors={k} exceeds the {n * m} candidate (sender, image) pairs")
 
     lattice = jnp.asarray(lattice)
     frac = geometry.cart_to_frac(positions, lattice)  # [n, 3]
@@ -138,8 +136,11 @@ def periodic_neighbors(
     num_neighbors = jnp.sum(valid, axis=(1, 2)).astype(jnp.int32)  # [n]
 
     key = jnp.where(valid, d2, jnp.inf).reshape(n, n * m)
+    if k > n * m:  # more slots than candidates: the extra slots stay empty
+        key = jnp.pad(key, ((0, 0), (0, k - n * m)), constant_values=jnp.inf)
     neg_d2, flat = jax.lax.top_k(-key, k)  # [n, k] nearest first
     slot_mask = jnp.isfinite(neg_d2)
+    flat = jnp.minimum(flat, n * m - 1)
     sender = (flat // m).astype(jnp.int32)
     image = images[flat % m]  # [n, k, 3]
     offsets = image + (shift[:, None, :] - shift[sender]).astype(jnp.int32)
