@@ -1,0 +1,102 @@
+"""jraph batching: budgets that hold every batch, few shapes per epoch, masks, and score graphs."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import pytest
+
+from symat_jax import geometry, graphs
+from symat_jax.data import read_csv
+from symat_jax.neighbors import periodic_neighbors, required_image_range
+
+from conftest import csv_rows, write_csv
+
+
+@pytest.fixture(scope="module")
+def small_graph_set(data_root, tmp_path_factory):
+    """Return 48 Carbon-24 test crystals with their encoder graphs."""
+    tmp = tmp_path_factory.mktemp("graphs")
+    path = write_csv(tmp / "c48.csv", csv_rows(data_root / "carbon_24" / "test.csv")[:48])
+    return read_csv(path, "carbon_24", cache_dir=tmp, progress=False)
+
+
+def test_budgets_hold_every_batch_and_bound_compilations(small_graph_set):
+    data = small_graph_set
+    budgets = graphs.pad_budgets(data.num_atoms, data.num_edges, batch_size=8, num_buckets=3, multiple=16)
+    assert 1 <= len(budgets) <= 3
+    traces = []
+
+    @jax.jit
+    def count_real_nodes(g):
+        traces.append(g.n_node.shape)  # runs once per compiled shape
+        return jnp.sum(jraph.get_node_padding_mask(g))
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for epoch in range(3):
+        order = rng.permutation(len(data))
+        for g, idx in graphs.batches(data, 8, budgets, order=order):
+            seen.add((g.nodes["atomic_numbers"].shape[0], g.senders.shape[0]))
+            assert int(count_real_nodes(g)) == int(data.num_atoms[idx].sum())
+            assert int(jnp.sum(jraph.get_edge_padding_mask(g))) == int(data.num_edges[idx].sum())
+            assert int(jnp.sum(jraph.get_graph_padding_mask(g))) == len(idx)
+    assert len(seen) <= len(budgets)
+    assert len(traces) == len(seen)
+
+
+def test_encoder_batch_reproduces_each_crystal(small_graph_set):
+    data = small_graph_set
+    budgets = graphs.pad_budgets(data.num_atoms, data.num_edges, batch_size=5, num_buckets=1)
+    idx = np.array([7, 2, 30, 11, 4])
+    g = graphs.encoder_batch(data, idx, budgets[0])
+    node_start = np.concatenate([[0], np.cumsum(g.n_node)])
+    edge_start = np.concatenate([[0], np.cumsum(g.n_edge)])
+    for b, i in enumerate(idx):
+        c = data.crystal(i)
+        nodes = slice(node_start[b], node_start[b + 1])
+        np.testing.assert_array_equal(g.nodes["atomic_numbers"][nodes], c.atomic_numbers)
+        edges = slice(edge_start[b], edge_start[b + 1])
+        np.testing.assert_array_equal(g.senders[edges] - node_start[b], c.edge_index[:, 0])
+        np.testing.assert_array_equal(g.receivers[edges] - node_start[b], c.edge_index[:, 1])
+        np.testing.assert_allclose(g.globals["lattice"][b], c.lattice(), atol=1e-5)
+        # Edge vectors from the batch equal those from the crystal alone.
+        x = np.asarray(geometry.frac_to_cart(g.nodes["frac_coords"], g.globals["lattice"][b]))
+        vec = x[g.receivers[edges]] - x[g.senders[edges]] - g.edges["offsets"][edges] @ g.globals["lattice"][b]
+        xc = c.frac_coords @ c.lattice()
+        ref = xc[c.edge_index[:, 1]] - xc[c.edge_index[:, 0]] - c.edge_offsets @ c.lattice()
+        np.testing.assert_allclose(vec, ref, atol=1e-4)
+
+
+def test_too_large_crystal_is_reported(small_graph_set):
+    with pytest.raises(ValueError, match="more than max_atoms=4"):
+        graphs.dense_batch(small_graph_set, [0, 1], max_atoms=4)
+
+
+def test_neighbor_graph_aggregates_like_the_dense_list(small_graph_set):
+    data = small_graph_set
+    idx = np.arange(6)
+    batch = graphs.dense_batch(data, idx, max_atoms=24)
+    lat = geometry.lattice_matrix(batch["lengths"], batch["angles"])
+    pos = geometry.frac_to_cart(jnp.asarray(batch["frac_coords"]), lat)
+    mask = jnp.asarray(batch["atom_mask"])
+    fn = functools.partial(
+        periodic_neighbors, cutoff=3.0, max_neighbors=5, keep_nearest=True,
+        max_images=required_image_range(np.asarray(lat), 3.0),
+    )
+
+    @jax.jit
+    def per_atom_sum_of_distances(pos, lat, mask):
+        nl = jax.vmap(fn)(pos, lat, mask)
+        g = graphs.neighbor_graph(nl, mask)
+        d = jnp.where(g.edges["mask"], g.edges["distances"], 0.0)
+        total = jax.ops.segment_sum(d, g.receivers, num_segments=g.nodes["mask"].shape[0])
+        return total.reshape(mask.shape), nl
+
+    total, nl = per_atom_sum_of_distances(pos, lat, mask)
+    np.testing.assert_allclose(total, jnp.sum(nl.distances, axis=-1), rtol=1e-6)
+    assert not np.any(np.asarray(total)[~batch["atom_mask"]])
