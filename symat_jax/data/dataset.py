@@ -1,0 +1,431 @@
+"""Reading CDVAE CSV files into canonical crystals, in parallel and cached."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import io
+import logging
+import math
+import multiprocessing
+import os
+import pathlib
+import warnings
+from typing import Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from symat_jax.data import registry
+from symat_jax.data.canonical import (
+    MAX_ATOMIC_NUMBER,
+    MIN_VOLUME_PER_ATOM,
+    BadCrystalError,
+    CanonicalCrystal,
+    canonicalize,
+)
+
+log = logging.getLogger(__name__)
+
+# Bump whenever canonicalisation or the cached layout changes: old caches are
+# then ignored rather than trusted.
+CACHE_VERSION = 1
+CACHE_DIR_ENV = "SYMAT_CACHE_DIR"
+# Below this many rows, a process pool costs more than it saves.
+_MIN_ROWS_FOR_POOL = 32
+
+csv.field_size_limit(1 << 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrystalDataset:
+    """Canonical crystals concatenated CDVAE-style (per-crystal arrays + per-atom arrays).
+
+    material_id: [c] str; num_atoms: [c]; atomic_numbers: [a]; frac_coords: [a, 3];
+    lengths, angles: [c, 3]; properties: [c] float (NaN where missing);
+    edge_index: [e, 2] (sender, receiver) local to each crystal; edge_offsets:
+    [e, 3]; num_edges: [c] (all zero when the encoder graph was not computed);
+    skipped: (material_id, reason) of rows that were left out.
+    """
+
+    name: str
+    property_column: str
+    material_id: np.ndarray
+    num_atoms: np.ndarray
+    atomic_numbers: np.ndarray
+    frac_coords: np.ndarray
+    lengths: np.ndarray
+    angles: np.ndarray
+    properties: np.ndarray
+    edge_index: np.ndarray
+    edge_offsets: np.ndarray
+    num_edges: np.ndarray
+    has_graph: bool
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def __len__(self) -> int:
+        """Return the number of crystals."""
+        return int(self.num_atoms.shape[0])
+
+    @property
+    def atom_offsets(self) -> np.ndarray:
+        """Return [c + 1] start of each crystal's atoms in the per-atom arrays."""
+        return np.concatenate([[0], np.cumsum(self.num_atoms)])
+
+    @property
+    def edge_offsets_start(self) -> np.ndarray:
+        """Return [c + 1] start of each crystal's edges in the edge arrays."""
+        return np.concatenate([[0], np.cumsum(self.num_edges)])
+
+    def crystal(self, i: int) -> CanonicalCrystal:
+        """Return crystal ``i`` as a CanonicalCrystal."""
+        a0, a1 = self.atom_offsets[i], self.atom_offsets[i + 1]
+        e0, e1 = self.edge_offsets_start[i], self.edge_offsets_start[i + 1]
+        return CanonicalCrystal(
+            atomic_numbers=self.atomic_numbers[a0:a1],
+            frac_coords=self.frac_coords[a0:a1],
+            lengths=self.lengths[i],
+            angles=self.angles[i],
+            edge_index=self.edge_index[e0:e1] if self.has_graph else None,
+            edge_offsets=self.edge_offsets[e0:e1] if self.has_graph else None,
+        )
+
+    def __iter__(self) -> Iterator[CanonicalCrystal]:
+        """Yield every crystal in order."""
+        return (self.crystal(i) for i in range(len(self)))
+
+    def element_counts(self) -> np.ndarray:
+        """Return [c, 100] int32: how many atoms of element Z (column Z - 1) each crystal holds."""
+        counts = np.zeros((len(self), MAX_ATOMIC_NUMBER), dtype=np.int32)
+        owner = np.repeat(np.arange(len(self)), self.num_atoms)
+        np.add.at(counts, (owner, self.atomic_numbers - 1), 1)
+        return counts
+
+    def element_multi_hot(self) -> np.ndarray:
+        """Return [c, 100] float32 multi-hot set of the elements present (SPEC 2 target)."""
+        return (self.element_counts() > 0).astype(np.float32)
+
+    def num_elements(self) -> np.ndarray:
+        """Return [c] number of distinct elements ``k``."""
+        return (self.element_counts() > 0).sum(axis=1).astype(np.int32)
+
+    def scaled_lengths(self) -> np.ndarray:
+        """Return [c, 3] lattice lengths divided by ``N^(1/3)`` (SPEC 1)."""
+        return self.lengths / np.cbrt(self.num_atoms)[:, None]
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "CrystalDataset":
+        """Return the crystals at ``indices`` (in that order) as a new dataset."""
+        indices = np.asarray(indices, dtype=np.int64)
+        ao, eo = self.atom_offsets, self.edge_offsets_start
+        atoms = np.concatenate([np.arange(ao[i], ao[i + 1]) for i in indices] or [np.zeros(0, int)])
+        edges = np.concatenate([np.arange(eo[i], eo[i + 1]) for i in indices] or [np.zeros(0, int)])
+        return dataclasses.replace(
+            self,
+            material_id=self.material_id[indices],
+            num_atoms=self.num_atoms[indices],
+            atomic_numbers=self.atomic_numbers[atoms],
+            frac_coords=self.frac_coords[atoms],
+            lengths=self.lengths[indices],
+            angles=self.angles[indices],
+            properties=self.properties[indices],
+            edge_index=self.edge_index[edges],
+            edge_offsets=self.edge_offsets[edges],
+            num_edges=self.num_edges[indices],
+            skipped=(),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the dataset to an ``.npz`` file atomically (no pickle)."""
+        path = pathlib.Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        skipped = np.asarray(self.skipped, dtype=str).reshape(-1, 2)
+        np.savez(
+            tmp,
+            cache_version=CACHE_VERSION,
+            name=self.name,
+            property_column=self.property_column,
+            material_id=self.material_id.astype(str),
+            num_atoms=self.num_atoms,
+            atomic_numbers=self.atomic_numbers,
+            frac_coords=self.frac_coords,
+            lengths=self.lengths,
+            angles=self.angles,
+            properties=self.properties,
+            edge_index=self.edge_index,
+            edge_offsets=self.edge_offsets,
+            num_edges=self.num_edges,
+            has_graph=self.has_graph,
+            skipped=skipped,
+        )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CrystalDataset":
+        """Return the dataset stored by :meth:`save` (ValueError on a stale or foreign file)."""
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["cache_version"]) != CACHE_VERSION:
+                raise ValueError(f"{path}: cache version {int(z['cache_version'])}, need {CACHE_VERSION}")
+            return cls(
+                name=str(z["name"]),
+                property_column=str(z["property_column"]),
+                material_id=z["material_id"],
+                num_atoms=z["num_atoms"],
+                atomic_numbers=z["atomic_numbers"],
+                frac_coords=z["frac_coords"],
+                lengths=z["lengths"],
+                angles=z["angles"],
+                properties=z["properties"],
+                edge_index=z["edge_index"],
+                edge_offsets=z["edge_offsets"],
+                num_edges=z["num_edges"],
+                has_graph=bool(z["has_graph"]),
+                skipped=tuple((str(a), str(b)) for a, b in z["skipped"]),
+            )
+
+
+# ----------------------------------------------------------------------------
+# Row processing (runs in worker processes: host-side only, no JAX).
+
+
+def _parse_float(text: str | None) -> float:
+    """Return ``text`` as a float, NaN when empty or unparsable."""
+    try:
+        return float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def process_row(cif: str, max_atoms: int, with_graph: bool) -> CanonicalCrystal:
+    """Return the canonical crystal (with CrystalNN graph if asked) of one CIF text; BadCrystalError if unusable."""
+    from pymatgen.core import Structure  # imported here: workers start lean
+
+    if not cif or not cif.strip():
+        raise BadCrystalError("empty CIF")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            structure = Structure.from_str(cif, fmt="cif")
+    except Exception as err:  # pymatgen's CIF parser raises many types
+        _raise_if_bad_cell(cif)  # a clearer reason than "no structures"
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadCrystalError(f"unparsable CIF ({msg})") from None
+    crystal = canonicalize(structure, max_atoms)
+    if not with_graph:
+        return crystal
+    from symat_jax.data.encoder_graph import crystalnn_edges
+
+    try:
+        edge_index, edge_offsets = crystalnn_edges(crystal.to_structure())
+    except Exception as err:
+        raise BadCrystalError(f"CrystalNN failed ({type(err).__name__}: {err})") from None
+    return dataclasses.replace(crystal, edge_index=edge_index, edge_offsets=edge_offsets)
+
+
+_CELL_KEYS = tuple(f"_cell_{k}" for k in ("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma"))
+
+
+def _raise_if_bad_cell(cif: str) -> None:
+    """Raise BadCrystalError when the CIF's cell parameters are NaN or describe a flat cell."""
+    values = {}
+    for line in cif.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in _CELL_KEYS:
+            values[parts[0]] = _parse_float(parts[1].split("(")[0])
+    if len(values) != 6:
+        return
+    a, b, c, alpha, beta, gamma = (values[k] for k in _CELL_KEYS)
+    if not all(math.isfinite(v) for v in (a, b, c, alpha, beta, gamma)):
+        raise BadCrystalError("NaN or infinite lattice parameter")
+    ca, cb, cg = (math.cos(math.radians(x)) for x in (alpha, beta, gamma))
+    factor = 1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg
+    volume = a * b * c * math.sqrt(max(factor, 0.0))
+    if volume < MIN_VOLUME_PER_ATOM or min(a, b, c) <= 0:
+        raise BadCrystalError(f"degenerate lattice (volume {volume:.3g} A^3)")
+
+
+def _process_chunk(
+    chunk: list[tuple[int, str]], max_atoms: int, with_graph: bool
+) -> list[tuple[int, CanonicalCrystal | str]]:
+    """Return ``(row, crystal or error message)`` for each ``(row, cif)`` of ``chunk``."""
+    out: list[tuple[int, CanonicalCrystal | str]] = []
+    for row, cif in chunk:
+        try:
+            out.append((row, process_row(cif, max_atoms, with_graph)))
+        except BadCrystalError as err:
+            out.append((row, str(err)))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Cache.
+
+
+def _cache_dir(csv_path: pathlib.Path, cache_dir: str | os.PathLike | None) -> pathlib.Path:
+    """Return a writable cache folder: the argument, ``$SYMAT_CACHE_DIR``, beside the CSV, or ~/.cache."""
+    if cache_dir is not None:
+        return pathlib.Path(cache_dir)
+    if os.environ.get(CACHE_DIR_ENV):
+        return pathlib.Path(os.environ[CACHE_DIR_ENV])
+    beside = csv_path.parent / ".symat_cache"
+    if os.access(beside if beside.exists() else csv_path.parent, os.W_OK):
+        return beside
+    return pathlib.Path.home() / ".cache" / "symat_jax"
+
+
+def _cache_file(folder: pathlib.Path, csv_path: pathlib.Path, digest: str, dataset: str, with_graph: bool) -> pathlib.Path:
+    """Return the cache file name for one content digest and setting."""
+    kind = "graph" if with_graph else "nograph"
+    return folder / f"{csv_path.stem}-{dataset}-{kind}-v{CACHE_VERSION}-{digest[:20]}.npz"
+
+
+# ----------------------------------------------------------------------------
+# Public entry point.
+
+
+def read_csv(
+    path: str | os.PathLike,
+    dataset: str,
+    *,
+    with_graph: bool = True,
+    num_workers: int | None = None,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> CrystalDataset:
+    """Return the canonical crystals of a CDVAE CSV file, skipping (and reporting) bad rows.
+
+    ``dataset`` names the registry entry (max atoms, property column). With
+    ``with_graph`` the CrystalNN encoder graph is computed too (slow: done in
+    ``num_workers`` processes, default all cores, and cached under a key of the
+    file's content, so an edited file is processed again).
+    """
+    info = registry.get_info(dataset)
+    csv_path = pathlib.Path(path)
+    if not csv_path.exists():
+        raise FileNotFoundError(f"{csv_path} does not exist")
+    raw = csv_path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    folder = _cache_dir(csv_path, cache_dir)
+    if cache:
+        # A cache with the graph also serves a request without it.
+        for flag in (True,) if with_graph else (False, True):
+            cached = _cache_file(folder, csv_path, digest, dataset, flag)
+            if cached.exists():
+                try:
+                    data = CrystalDataset.load(cached)
+                except (ValueError, OSError, KeyError) as err:
+                    log.warning("ignoring unreadable cache %s (%s)", cached, err)
+                    continue
+                _report_skipped(csv_path, data.skipped, len(data))
+                return data
+
+    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
+    if rows and "cif" not in rows[0]:
+        raise ValueError(f"{csv_path}: no 'cif' column (columns: {', '.join(rows[0])})")
+    ids = [str(r.get("material_id") or f"row {k}") for k, r in enumerate(rows)]
+    results = _process_rows(
+        [r.get("cif") or "" for r in rows], info.max_atoms, with_graph, num_workers, progress,
+        desc=f"{csv_path.name} ({dataset})",
+    )
+    keep, skipped = [], []
+    for k, res in enumerate(results):
+        if isinstance(res, str):
+            skipped.append((ids[k], res))
+        else:
+            keep.append(k)
+    if not keep:
+        raise ValueError(
+            f"{csv_path}: no usable row among {len(rows)}"
+            + (f" (first problem: {skipped[0][0]}: {skipped[0][1]})" if skipped else "")
+        )
+    crystals = [results[k] for k in keep]
+    props = np.array([_parse_float(rows[k].get(info.property_column)) for k in keep])
+    data = _assemble(info, [ids[k] for k in keep], crystals, props, with_graph, tuple(skipped))
+    _report_skipped(csv_path, data.skipped, len(data))
+    if cache:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            data.save(_cache_file(folder, csv_path, digest, dataset, with_graph))
+        except OSError as err:
+            log.warning("could not write the cache in %s (%s); continuing without it", folder, err)
+    return data
+
+
+def load_split(
+    dataset: str,
+    split: str,
+    data_root: str | os.PathLike | None = None,
+    **kwargs,
+) -> CrystalDataset:
+    """Return ``split`` of ``dataset`` from the data root (downloaded when missing); kwargs go to read_csv."""
+    return read_csv(registry.split_path(dataset, split, data_root), dataset, **kwargs)
+
+
+def _report_skipped(csv_path: pathlib.Path, skipped: Sequence[tuple[str, str]], kept: int) -> None:
+    """Log one warning per skipped row and a summary."""
+    for mid, reason in skipped:
+        log.warning("%s: skipped %s: %s", csv_path.name, mid, reason)
+    if skipped:
+        log.warning("%s: skipped %d of %d rows; loaded %d", csv_path.name, len(skipped), len(skipped) + kept, kept)
+
+
+def _process_rows(
+    cifs: list[str], max_atoms: int, with_graph: bool, num_workers: int | None, progress: bool, desc: str
+) -> list[CanonicalCrystal | str]:
+    """Return per row a crystal or an error message, using a process pool for large inputs."""
+    workers = num_workers or os.cpu_count() or 1
+    indexed = list(enumerate(cifs))
+    results: list[CanonicalCrystal | str] = [""] * len(cifs)
+    bar = tqdm(total=len(cifs), desc=desc, unit="crystal", disable=not progress)
+    if workers <= 1 or len(cifs) < _MIN_ROWS_FOR_POOL:
+        for row, res in _process_chunk(indexed, max_atoms, with_graph):
+            results[row] = res
+            bar.update(1)
+    else:
+        chunk = max(1, min(16, len(cifs) // (workers * 8)))
+        chunks = [indexed[i : i + chunk] for i in range(0, len(indexed), chunk)]
+        # spawn, not fork: the parent may already run JAX's threads.
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_process_chunk, c, max_atoms, with_graph) for c in chunks]
+            for fut in concurrent.futures.as_completed(futures):
+                done = fut.result()
+                for row, res in done:
+                    results[row] = res
+                bar.update(len(done))
+    bar.close()
+    return results
+
+
+def _assemble(
+    info: registry.DatasetInfo,
+    ids: list[str],
+    crystals: list[CanonicalCrystal],
+    props: np.ndarray,
+    with_graph: bool,
+    skipped: tuple[tuple[str, str], ...],
+) -> CrystalDataset:
+    """Return the concatenated dataset of processed crystals."""
+    def cat(arrays: list[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(shape, dtype)
+
+    edges_i = [c.edge_index for c in crystals] if with_graph else []
+    edges_o = [c.edge_offsets for c in crystals] if with_graph else []
+    return CrystalDataset(
+        name=info.name,
+        property_column=info.property_column,
+        material_id=np.asarray(ids, dtype=str),
+        num_atoms=np.array([c.num_atoms for c in crystals], dtype=np.int32),
+        atomic_numbers=cat([c.atomic_numbers for c in crystals], (0,), np.int32),
+        frac_coords=cat([c.frac_coords for c in crystals], (0, 3), np.float64),
+        lengths=np.stack([c.lengths for c in crystals]).astype(np.float64),
+        angles=np.stack([c.angles for c in crystals]).astype(np.float64),
+        properties=props.astype(np.float64),
+        edge_index=cat(edges_i, (0, 2), np.int32),
+        edge_offsets=cat(edges_o, (0, 3), np.int32),
+        num_edges=np.array([len(e) for e in edges_i] if with_graph else [0] * len(crystals), dtype=np.int32),
+        has_graph=with_graph,
+        skipped=skipped,
+    )
