@@ -6,17 +6,20 @@ Two layouts, one per consumer:
   into one ``jraph.GraphsTuple``, padded (``jraph.pad_with_graphs``) to one of a
   few :class:`PadBudget` sizes so an epoch compiles a small fixed number of
   programs.
-* ``dense_batch`` + ``neighbor_graph``: crystals padded to ``max_atoms`` as
+* ``dense_batch`` + ``score_edge_graph``: crystals padded to ``max_atoms`` as
   dense arrays (what the jitted neighbour list and Langevin loop take), and
   the flattening of a batched :class:`~symat_jax.neighbors.NeighborList` into
-  a ``GraphsTuple`` inside jit.
+  an :class:`EdgeGraph` inside jit.
+
+Both feed the networks as an :class:`EdgeGraph` (``encoder_edge_graph`` for
+the first).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +33,38 @@ from symat_jax.neighbors import NeighborList
 Array = jax.Array
 
 
+class EdgeGraph(NamedTuple):
+    """A batch of graphs in the flat layout the SphereNet modules take.
+
+    Edge vectors are ``x_receiver - x_sender - offset @ L``. ``in_edges``
+    lists each node's incoming edges (``in_mask`` marks real ones), so the
+    triplets ``k -> j -> i`` of edge ``j -> i`` are ``in_edges[j]``.
+    """
+
+    atomic_numbers: Array  # [nodes] int32, 0 for padding
+    node_mask: Array  # [nodes] bool
+    node_graph: Array  # [nodes] int32 graph id of each node
+    senders: Array  # [e] int32
+    receivers: Array  # [e] int32
+    vectors: Array  # [e, 3]
+    offsets: Array  # [e, 3] int32
+    edge_mask: Array  # [e] bool
+    in_edges: Array  # [nodes, d] int32
+    in_mask: Array  # [nodes, d] bool
+
+
 @dataclasses.dataclass(frozen=True, order=True)
 class PadBudget:
-    """Padded sizes of one batch shape: totals of nodes, edges and graphs (each includes the padding graph)."""
+    """Padded sizes of one batch shape: totals of nodes, edges and graphs (each includes the padding graph).
+
+    ``max_degree`` is the width of the incoming-edge table (the dataset's
+    largest in-degree).
+    """
 
     n_node: int
     n_edge: int
     n_graph: int
+    max_degree: int = 1
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -45,8 +73,7 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def pad_budgets(
-    num_atoms: np.ndarray,
-    num_edges: np.ndarray,
+    dataset: CrystalDataset,
     batch_size: int,
     num_buckets: int = 3,
     multiple: int = 64,
@@ -60,13 +87,15 @@ def pad_budgets(
     is the worst case (the ``batch_size`` largest crystals), so no batch is
     ever cut.
     """
-    num_atoms = np.asarray(num_atoms)
-    num_edges = np.asarray(num_edges)
+    num_atoms = dataset.num_atoms
+    num_edges = dataset.num_edges
+    max_degree = dataset.max_in_degree()
     b = min(batch_size, len(num_atoms))
     worst = PadBudget(
         _round_up(int(np.sort(num_atoms)[-b:].sum()) + 1, multiple),
         _round_up(int(np.sort(num_edges)[-b:].sum()) + 1, multiple),
         batch_size + 1,
+        max_degree,
     )
     if num_buckets <= 1 or b == len(num_atoms):
         return [worst]
@@ -81,6 +110,7 @@ def pad_budgets(
                 min(_round_up(int(np.quantile(nodes, q)) + 1, multiple), worst.n_node),
                 min(_round_up(int(np.quantile(edges, q)) + 1, multiple), worst.n_edge),
                 batch_size + 1,
+                max_degree,
             )
         )
     return sorted(budgets)
@@ -127,7 +157,52 @@ def encoder_batch(dataset: CrystalDataset, indices: Sequence[int], budget: PadBu
         n_node=sub.num_atoms.astype(np.int32),
         n_edge=sub.num_edges.astype(np.int32),
     )
-    return jraph.pad_with_graphs(graph, budget.n_node, budget.n_edge, budget.n_graph)
+    padded = jraph.pad_with_graphs(graph, budget.n_node, budget.n_edge, budget.n_graph)
+    in_edges, in_mask = incoming_edge_table(receivers, budget.n_node, budget.max_degree)
+    return padded._replace(nodes={**padded.nodes, "in_edges": in_edges, "in_mask": in_mask})
+
+
+def incoming_edge_table(receivers: np.ndarray, num_nodes: int, max_degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(in_edges [num_nodes, max_degree] int32, in_mask)``: each node's incoming edge ids (host-side).
+
+    Raises ValueError when a node has more than ``max_degree`` incoming edges.
+    """
+    receivers = np.asarray(receivers)
+    order = np.argsort(receivers, kind="stable")
+    counts = np.bincount(receivers, minlength=num_nodes)
+    if counts.size and counts.max() > max_degree:
+        raise ValueError(f"a node has {counts.max()} incoming edges, more than max_degree={max_degree}")
+    slot = np.arange(len(receivers)) - np.repeat(np.cumsum(counts) - counts, counts)
+    table = np.zeros((num_nodes, max_degree), np.int32)
+    mask = np.zeros((num_nodes, max_degree), bool)
+    table[receivers[order], slot] = order
+    mask[receivers[order], slot] = True
+    return table, mask
+
+
+def encoder_edge_graph(g: jraph.GraphsTuple) -> EdgeGraph:
+    """Return the :class:`EdgeGraph` of a padded encoder batch from :func:`encoder_batch` (jit-safe)."""
+    n_node = g.nodes["atomic_numbers"].shape[0]
+    n_graph = g.n_node.shape[0]
+    node_graph = jnp.repeat(jnp.arange(n_graph), g.n_node, total_repeat_length=n_node)
+    lattice = g.globals["lattice"][node_graph]  # [nodes, 3, 3]
+    pos = jnp.einsum("ni,nij->nj", g.nodes["frac_coords"], lattice)
+    offsets = g.edges["offsets"]
+    vectors = pos[g.receivers] - pos[g.senders] - jnp.einsum("ei,eij->ej", offsets, lattice[g.receivers])
+    node_mask = jraph.get_node_padding_mask(g)
+    edge_mask = jraph.get_edge_padding_mask(g)
+    return EdgeGraph(
+        atomic_numbers=jnp.where(node_mask, g.nodes["atomic_numbers"], 0),
+        node_mask=node_mask,
+        node_graph=node_graph,
+        senders=g.senders,
+        receivers=g.receivers,
+        vectors=jnp.where(edge_mask[:, None], vectors, 0.0),
+        offsets=offsets.astype(jnp.int32),
+        edge_mask=edge_mask,
+        in_edges=g.nodes["in_edges"],
+        in_mask=g.nodes["in_mask"],
+    )
 
 
 def batches(
@@ -184,30 +259,26 @@ def dense_batch(dataset: CrystalDataset, indices: Sequence[int], max_atoms: int)
     }
 
 
-def neighbor_graph(nl: NeighborList, atom_mask: Array) -> jraph.GraphsTuple:
-    """Return a batched neighbour list ``[b, n, k]`` as one GraphsTuple of ``b`` graphs of ``n`` nodes (jit-safe).
+def score_edge_graph(nl: NeighborList, atomic_numbers: Array, atom_mask: Array) -> EdgeGraph:
+    """Return a batched neighbour list ``[b, n, k]`` as one :class:`EdgeGraph` of ``b * n`` nodes (jit-safe).
 
-    Node and edge counts are static (``b * n`` and ``b * n * k``); padding
-    nodes and empty slots are marked by ``nodes['mask']`` and
-    ``edges['mask']``, and empty slots point at node 0 of their crystal so
-    gathers stay in range (their messages must be masked). Edge features:
-    ``vectors`` [e, 3], ``distances`` [e], ``offsets`` [e, 3].
+    Node ``b * n + i`` is atom ``i`` of crystal ``b``; edge ``(b * n + i) * k + s``
+    is slot ``s`` of that atom's neighbour row, so each node's incoming edges
+    are its own row. Empty slots point at node 0 of their crystal and are masked.
     """
     b, n, k = nl.senders.shape
     base = (jnp.arange(b, dtype=jnp.int32) * n)[:, None, None]
     local_s = jnp.where(nl.mask, nl.senders, 0)
-    local_r = jnp.where(nl.mask, jnp.arange(n, dtype=jnp.int32)[None, :, None], 0)
-    return jraph.GraphsTuple(
-        nodes={"mask": atom_mask.reshape(b * n)},
-        edges={
-            "mask": nl.mask.reshape(-1),
-            "vectors": nl.vectors.reshape(-1, 3),
-            "distances": nl.distances.reshape(-1),
-            "offsets": nl.offsets.reshape(-1, 3),
-        },
+    rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], (b, n, k))
+    return EdgeGraph(
+        atomic_numbers=jnp.where(atom_mask, atomic_numbers, 0).reshape(b * n),
+        node_mask=atom_mask.reshape(b * n),
+        node_graph=jnp.repeat(jnp.arange(b, dtype=jnp.int32), n),
         senders=(local_s + base).reshape(-1),
-        receivers=(local_r + base).reshape(-1),
-        globals=None,
-        n_node=jnp.full((b,), n, dtype=jnp.int32),
-        n_edge=jnp.full((b,), n * k, dtype=jnp.int32),
+        receivers=(rows + base).reshape(-1),
+        vectors=nl.vectors.reshape(-1, 3),
+        offsets=nl.offsets.reshape(-1, 3),
+        edge_mask=nl.mask.reshape(-1),
+        in_edges=jnp.arange(b * n * k, dtype=jnp.int32).reshape(b * n, k),
+        in_mask=nl.mask.reshape(b * n, k),
     )

@@ -27,7 +27,7 @@ def small_graph_set(data_root, tmp_path_factory):
 
 def test_budgets_hold_every_batch_and_bound_compilations(small_graph_set):
     data = small_graph_set
-    budgets = graphs.pad_budgets(data.num_atoms, data.num_edges, batch_size=8, num_buckets=3, multiple=16)
+    budgets = graphs.pad_budgets(data, batch_size=8, num_buckets=3, multiple=16)
     assert 1 <= len(budgets) <= 3
     traces = []
 
@@ -51,7 +51,7 @@ def test_budgets_hold_every_batch_and_bound_compilations(small_graph_set):
 
 def test_encoder_batch_reproduces_each_crystal(small_graph_set):
     data = small_graph_set
-    budgets = graphs.pad_budgets(data.num_atoms, data.num_edges, batch_size=5, num_buckets=1)
+    budgets = graphs.pad_budgets(data, batch_size=5, num_buckets=1)
     idx = np.array([7, 2, 30, 11, 4])
     g = graphs.encoder_batch(data, idx, budgets[0])
     node_start = np.concatenate([[0], np.cumsum(g.n_node)])
@@ -77,7 +77,7 @@ def test_too_large_crystal_is_reported(small_graph_set):
         graphs.dense_batch(small_graph_set, [0, 1], max_atoms=4)
 
 
-def test_neighbor_graph_aggregates_like_the_dense_list(small_graph_set):
+def test_score_edge_graph_aggregates_like_the_dense_list(small_graph_set):
     data = small_graph_set
     idx = np.arange(6)
     batch = graphs.dense_batch(data, idx, max_atoms=24)
@@ -90,13 +90,39 @@ def test_neighbor_graph_aggregates_like_the_dense_list(small_graph_set):
     )
 
     @jax.jit
-    def per_atom_sum_of_distances(pos, lat, mask):
+    def per_atom_sum_of_distances(pos, lat, mask, z):
         nl = jax.vmap(fn)(pos, lat, mask)
-        g = graphs.neighbor_graph(nl, mask)
-        d = jnp.where(g.edges["mask"], g.edges["distances"], 0.0)
-        total = jax.ops.segment_sum(d, g.receivers, num_segments=g.nodes["mask"].shape[0])
-        return total.reshape(mask.shape), nl
+        g = graphs.score_edge_graph(nl, z, mask)
+        d = jnp.where(g.edge_mask, jnp.linalg.norm(g.vectors, axis=-1), 0.0)
+        total = jax.ops.segment_sum(d, g.receivers, num_segments=g.node_mask.shape[0])
+        # The incoming-edge table of each node lists exactly its edges.
+        assert_in = jnp.all(jnp.where(g.in_mask, g.receivers[g.in_edges] == jnp.arange(g.node_mask.shape[0])[:, None], True))
+        return total.reshape(mask.shape), nl, assert_in
 
-    total, nl = per_atom_sum_of_distances(pos, lat, mask)
-    np.testing.assert_allclose(total, jnp.sum(nl.distances, axis=-1), rtol=1e-6)
+    total, nl, ok = per_atom_sum_of_distances(pos, lat, mask, jnp.asarray(batch["atomic_numbers"]))
+    assert bool(ok)
+    np.testing.assert_allclose(total, jnp.sum(nl.distances, axis=-1), rtol=1e-5)
     assert not np.any(np.asarray(total)[~batch["atom_mask"]])
+
+
+def test_encoder_edge_graph_vectors_and_incoming_table(small_graph_set):
+    data = small_graph_set
+    budgets = graphs.pad_budgets(data, batch_size=6, num_buckets=1)
+    idx = np.array([3, 9, 0, 17, 5, 41])
+    g = graphs.encoder_edge_graph(graphs.encoder_batch(data, idx, budgets[0]))
+    node_start = np.concatenate([[0], np.cumsum(data.num_atoms[idx])])
+    e = 0
+    for b, i in enumerate(idx):
+        c = data.crystal(i)
+        x = c.frac_coords @ c.lattice()
+        ref = x[c.edge_index[:, 1]] - x[c.edge_index[:, 0]] - c.edge_offsets @ c.lattice()
+        np.testing.assert_allclose(g.vectors[e : e + len(ref)], ref, atol=1e-4)
+        np.testing.assert_array_equal(g.node_graph[node_start[b] : node_start[b + 1]], b)
+        e += len(ref)
+    assert not np.any(np.asarray(g.edge_mask)[e:]) and np.all(np.asarray(g.edge_mask)[:e])
+    recv = np.asarray(g.receivers)
+    table, tmask = np.asarray(g.in_edges), np.asarray(g.in_mask)
+    for node in range(node_start[-1]):
+        assert sorted(table[node][tmask[node]]) == sorted(np.flatnonzero((recv == node) & np.asarray(g.edge_mask)))
+    with pytest.raises(ValueError, match="max_degree"):
+        graphs.incoming_edge_table(np.array([0, 0, 0, 1]), 2, 2)

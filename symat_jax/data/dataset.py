@@ -96,6 +96,14 @@ class CrystalDataset:
         """Yield every crystal in order."""
         return (self.crystal(i) for i in range(len(self)))
 
+    def max_in_degree(self) -> int:
+        """Return the largest number of incoming encoder edges of any atom (1 without graphs)."""
+        if not self.has_graph or len(self.edge_index) == 0:
+            return 1
+        owner = np.repeat(np.arange(len(self)), self.num_edges)
+        node = self.atom_offsets[owner] + self.edge_index[:, 1]
+        return int(np.bincount(node).max())
+
     def element_counts(self) -> np.ndarray:
         """Return [c, 100] int32: how many atoms of element Z (column Z - 1) each crystal holds."""
         counts = np.zeros((len(self), MAX_ATOMIC_NUMBER), dtype=np.int32)
@@ -386,17 +394,39 @@ def _process_rows(
     else:
         chunk = max(1, min(16, len(cifs) // (workers * 8)))
         chunks = [indexed[i : i + chunk] for i in range(0, len(indexed), chunk)]
-        # spawn, not fork: the parent may already run JAX's threads.
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_process_chunk, c, max_atoms, with_graph) for c in chunks]
-            for fut in concurrent.futures.as_completed(futures):
-                done = fut.result()
-                for row, res in done:
-                    results[row] = res
-                bar.update(len(done))
+        try:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+                futures = [pool.submit(_process_chunk, c, max_atoms, with_graph) for c in chunks]
+                for fut in concurrent.futures.as_completed(futures):
+                    done = fut.result()
+                    for row, res in done:
+                        results[row] = res
+                    bar.update(len(done))
+        except concurrent.futures.process.BrokenProcessPool:
+            # spawn re-imports the caller's script, which fails without an
+            # `if __name__ == "__main__":` guard; finish the work here instead.
+            log.warning(
+                "worker processes failed to start (guard your script with `if __name__ == '__main__':` "
+                "for parallel preprocessing); continuing in this process"
+            )
+            todo = [item for item in indexed if isinstance(results[item[0]], str) and not results[item[0]]]
+            for row, res in _process_chunk(todo, max_atoms, with_graph):
+                results[row] = res
+                bar.update(1)
     bar.close()
     return results
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """Return fork where the platform has it, else spawn.
+
+    spawn re-runs the caller's unguarded script in every worker, which is far
+    worse than fork's caveat with JAX (a warning about threads): the workers
+    only run pymatgen and never touch JAX.
+    """
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def _assemble(
