@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from symat_jax import geometry
-from symat_jax.neighbors import NeighborList, periodic_neighbors, required_image_range
+from symat_jax.neighbors import NeighborList, periodic_neighbors
 
 Array = jax.Array
 
@@ -103,20 +103,28 @@ def estimate_score_norm(
     key: Array,
     repeats: int = 1,
     batch_size: int = 512,
+    pooling: str = "crystal",
     progress: bool = True,
 ) -> np.ndarray:
-    """Return ``[levels]`` normalisers: per level the RMS of per-edge targets over scored edges of noisy crystals.
+    """Return ``[levels]`` normalisers: the RMS of per-edge targets ``d_clean - d_noisy`` over scored edges.
 
     ``frac_coords [c, n, 3]``, ``lattices [c, 3, 3]``, ``atom_mask [c, n]``:
-    the (padded) training crystals; each is perturbed ``repeats`` times per level.
+    the (padded) training crystals; each is perturbed ``repeats`` times per
+    level. ``pooling="crystal"`` averages each crystal's RMS over crystals
+    (weighting crystals equally, as the loss does); ``"edge"`` pools all edges.
+    Measured against the published values (``data/*/score_norm.txt``, all 50
+    levels, our train splits): crystal pooling is within 7.7% (Carbon-24) and
+    9.7% (Perov-5); edge pooling within 12.3% and 7.6%.
     """
+    if pooling not in ("crystal", "edge"):
+        raise ValueError(f"pooling must be 'crystal' or 'edge', got {pooling!r}")
     step = _norm_stats_fn(config)
-    sums = np.zeros(len(sigmas))
-    counts = np.zeros(len(sigmas))
     c = frac_coords.shape[0]
+    out = np.zeros(len(sigmas))
     total = len(sigmas) * repeats * ((c + batch_size - 1) // batch_size)
     bar = tqdm(total=total, desc="score normaliser", disable=not progress)
     for level, sigma in enumerate(sigmas):
+        sq, cnt = [], []
         for r in range(repeats):
             for start in range(0, c, batch_size):
                 sl = slice(start, start + batch_size)
@@ -128,16 +136,22 @@ def estimate_score_norm(
                     jnp.float32(sigma),
                     k,
                 )
-                sums[level] += float(s)
-                counts[level] += float(n)
+                sq.append(np.asarray(s, np.float64))
+                cnt.append(np.asarray(n, np.float64))
                 bar.update(1)
+        sq_all, cnt_all = np.concatenate(sq), np.concatenate(cnt)
+        if pooling == "edge":
+            out[level] = np.sqrt(sq_all.sum() / max(cnt_all.sum(), 1))
+        else:
+            has = cnt_all > 0
+            out[level] = np.mean(np.sqrt(sq_all[has] / cnt_all[has]))
     bar.close()
-    return np.sqrt(sums / np.maximum(counts, 1))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
 def _norm_stats_fn(config: ScoreGraphConfig) -> Callable:
-    """Return a jitted ``(frac, lattice, mask, sigma, key) -> (sum t_e^2, edge count)`` for one batch."""
+    """Return a jitted ``(frac, lattice, mask, sigma, key) -> (sum t_e^2 [b], edge count [b])`` per crystal."""
 
     def one(frac, lattice, mask, sigma, key):
         clean = geometry.frac_to_cart(frac, lattice)
@@ -152,20 +166,14 @@ def _norm_stats_fn(config: ScoreGraphConfig) -> Callable:
     def batch(frac, lattice, mask, sigma, key):
         keys = jax.random.split(key, frac.shape[0])
         s, n, overflow = jax.vmap(one, in_axes=(0, 0, 0, None, 0))(frac, lattice, mask, sigma, keys)
-        # Only the image range can overflow a K-nearest graph; a wrong range
-        # would bias the normaliser, so fail loudly on the host.
-        return jnp.sum(s), jnp.sum(n), jnp.any(overflow)
+        return s, n, jnp.any(overflow)
 
     def checked(*args):
         s, n, overflow = batch(*args)
+        # Only the image range can overflow a K-nearest graph; a wrong range
+        # would bias the normaliser, so fail loudly on the host.
         if bool(overflow):
             raise ValueError(f"score graph image range {config.max_images} too small for cutoff {config.cutoff}")
         return s, n
 
     return checked
-
-
-def image_range_for(lattices: np.ndarray, cutoff: float, margin: int = 0) -> tuple[int, int, int]:
-    """Return the static image range covering every lattice in ``lattices`` (plus ``margin``)."""
-    r = required_image_range(lattices, cutoff)
-    return tuple(int(x) + margin for x in r)  # type: ignore[return-value]

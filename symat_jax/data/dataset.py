@@ -395,7 +395,10 @@ def _process_rows(
         chunk = max(1, min(16, len(cifs) // (workers * 8)))
         chunks = [indexed[i : i + chunk] for i in range(0, len(indexed), chunk)]
         try:
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool, \
+                    warnings.catch_warnings():
+                # Workers only run pymatgen; JAX's fork warning does not apply.
+                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
                 futures = [pool.submit(_process_chunk, c, max_atoms, with_graph) for c in chunks]
                 for fut in concurrent.futures.as_completed(futures):
                     done = fut.result()
