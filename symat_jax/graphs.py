@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -259,26 +259,53 @@ def dense_batch(dataset: CrystalDataset, indices: Sequence[int], max_atoms: int)
     }
 
 
-def score_edge_graph(nl: NeighborList, atomic_numbers: Array, atom_mask: Array) -> EdgeGraph:
-    """Return a batched neighbour list ``[b, n, k]`` as one :class:`EdgeGraph` of ``b * n`` nodes (jit-safe).
+def score_edge_graph(
+    nl: NeighborList, atomic_numbers: Array, atom_mask: Array, num_nodes: int | None = None
+) -> tuple[EdgeGraph, Array]:
+    """Return a batched neighbour list ``[b, n, k]`` as one :class:`EdgeGraph`, and each slot's edge id ``[b, n, k]``.
 
-    Node ``b * n + i`` is atom ``i`` of crystal ``b``; edge ``(b * n + i) * k + s``
-    is slot ``s`` of that atom's neighbour row, so each node's incoming edges
-    are its own row. Empty slots point at node 0 of their crystal and are masked.
+    With ``num_nodes`` (static, at least the number of real atoms) only real
+    atoms become nodes, packed in order, so the network does no work on
+    padding atoms; otherwise node ``b * n + i`` is atom ``i`` of crystal ``b``.
+    Each node's ``k`` incoming edges are its own neighbour row (edge
+    ``node * k + slot``). Slots of padding atoms get edge id ``num_nodes * k``
+    (out of range: gathers with ``mode="fill"`` read 0). jit-safe.
     """
     b, n, k = nl.senders.shape
-    base = (jnp.arange(b, dtype=jnp.int32) * n)[:, None, None]
+    flat_mask = atom_mask.reshape(-1)
+    if num_nodes is None:
+        num_nodes = b * n
+        node_id = jnp.arange(b * n, dtype=jnp.int32).reshape(b, n)
+    else:
+        packed = jnp.cumsum(flat_mask.astype(jnp.int32)) - 1
+        node_id = jnp.where(flat_mask, packed, num_nodes).reshape(b, n).astype(jnp.int32)
+    e_total = num_nodes * k
+    slot_id = node_id[:, :, None] * k + jnp.arange(k, dtype=jnp.int32)  # [b, n, k]
+    slot_id = jnp.where(atom_mask[:, :, None], slot_id, e_total)
     local_s = jnp.where(nl.mask, nl.senders, 0)
-    rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], (b, n, k))
-    return EdgeGraph(
-        atomic_numbers=jnp.where(atom_mask, atomic_numbers, 0).reshape(b * n),
-        node_mask=atom_mask.reshape(b * n),
-        node_graph=jnp.repeat(jnp.arange(b, dtype=jnp.int32), n),
-        senders=(local_s + base).reshape(-1),
-        receivers=(rows + base).reshape(-1),
-        vectors=nl.vectors.reshape(-1, 3),
-        offsets=nl.offsets.reshape(-1, 3),
-        edge_mask=nl.mask.reshape(-1),
-        in_edges=jnp.arange(b * n * k, dtype=jnp.int32).reshape(b * n, k),
-        in_mask=nl.mask.reshape(b * n, k),
+    senders = jnp.take_along_axis(node_id, local_s.reshape(b, n * k), axis=1).reshape(b, n, k)
+    receivers = jnp.broadcast_to(node_id[:, :, None], (b, n, k))
+
+    def scatter(values: Array, fill: Any) -> Array:
+        flat = values.reshape(b * n * k, *values.shape[3:])
+        out = jnp.full((e_total, *flat.shape[1:]), fill, flat.dtype)
+        return out.at[slot_id.reshape(-1)].set(flat, mode="drop")
+
+    edge_mask = scatter(nl.mask, False)
+    crystal = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, n)).reshape(-1)
+    nodes = node_id.reshape(-1)
+    graph = EdgeGraph(
+        atomic_numbers=jnp.zeros(num_nodes, jnp.int32).at[nodes].set(
+            jnp.where(flat_mask, atomic_numbers.reshape(-1), 0), mode="drop"
+        ),
+        node_mask=jnp.zeros(num_nodes, bool).at[nodes].set(flat_mask, mode="drop"),
+        node_graph=jnp.zeros(num_nodes, jnp.int32).at[nodes].set(crystal, mode="drop"),
+        senders=scatter(jnp.where(nl.mask, senders, 0), 0),
+        receivers=scatter(jnp.where(nl.mask, receivers, 0), 0),
+        vectors=scatter(nl.vectors, 0.0),
+        offsets=scatter(nl.offsets, 0),
+        edge_mask=edge_mask,
+        in_edges=jnp.arange(e_total, dtype=jnp.int32).reshape(num_nodes, k),
+        in_mask=edge_mask.reshape(num_nodes, k),
     )
+    return graph, slot_id

@@ -89,20 +89,26 @@ def test_score_edge_graph_aggregates_like_the_dense_list(small_graph_set):
         max_images=required_image_range(np.asarray(lat), 3.0),
     )
 
-    @jax.jit
-    def per_atom_sum_of_distances(pos, lat, mask, z):
-        nl = jax.vmap(fn)(pos, lat, mask)
-        g = graphs.score_edge_graph(nl, z, mask)
-        d = jnp.where(g.edge_mask, jnp.linalg.norm(g.vectors, axis=-1), 0.0)
-        total = jax.ops.segment_sum(d, g.receivers, num_segments=g.node_mask.shape[0])
-        # The incoming-edge table of each node lists exactly its edges.
-        assert_in = jnp.all(jnp.where(g.in_mask, g.receivers[g.in_edges] == jnp.arange(g.node_mask.shape[0])[:, None], True))
-        return total.reshape(mask.shape), nl, assert_in
+    real = int(np.sum(batch["atom_mask"]))
 
-    total, nl, ok = per_atom_sum_of_distances(pos, lat, mask, jnp.asarray(batch["atomic_numbers"]))
+    @jax.jit
+    def sums(pos, lat, mask, z):
+        nl = jax.vmap(fn)(pos, lat, mask)
+        g, slots = graphs.score_edge_graph(nl, z, mask, num_nodes=real + 3)
+        d = jnp.where(g.edge_mask, jnp.linalg.norm(g.vectors, axis=-1), 0.0)
+        per_node = jax.ops.segment_sum(d, g.receivers, num_segments=g.node_mask.shape[0])
+        per_slot = jnp.take(d, slots, mode="fill", fill_value=0.0)
+        # The incoming-edge table of each node lists exactly its edges.
+        ok = jnp.all(jnp.where(g.in_mask, g.receivers[g.in_edges] == jnp.arange(g.node_mask.shape[0])[:, None], True))
+        return per_node, per_slot, nl, g, ok
+
+    per_node, per_slot, nl, g, ok = sums(pos, lat, mask, jnp.asarray(batch["atomic_numbers"]))
     assert bool(ok)
-    np.testing.assert_allclose(total, jnp.sum(nl.distances, axis=-1), rtol=1e-5)
-    assert not np.any(np.asarray(total)[~batch["atom_mask"]])
+    np.testing.assert_allclose(per_slot, nl.distances, rtol=1e-6)  # slots map back exactly
+    dense_sum = np.asarray(jnp.sum(nl.distances, axis=-1))[batch["atom_mask"]]
+    np.testing.assert_allclose(np.asarray(per_node)[:real], dense_sum, rtol=1e-5)  # packed in order
+    assert not np.any(np.asarray(per_node)[real:]) and not np.any(np.asarray(g.node_mask)[real:])
+    np.testing.assert_array_equal(np.asarray(g.atomic_numbers)[:real], batch["atomic_numbers"][batch["atom_mask"]])
 
 
 def test_encoder_edge_graph_vectors_and_incoming_table(small_graph_set):

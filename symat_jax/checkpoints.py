@@ -1,0 +1,54 @@
+"""Orbax checkpoints of a run: the latest N train states, plus the best on validation."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class RunCheckpoints:
+    """The checkpoints of one work directory: ``checkpoints/`` (latest N) and ``best/`` (best validation loss)."""
+
+    def __init__(self, workdir: str | pathlib.Path, keep: int = 3) -> None:
+        """Open (or create) the checkpoint folders of ``workdir``."""
+        root = pathlib.Path(workdir).resolve()
+        options = dict(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True)
+        self.latest = ocp.CheckpointManager(
+            root / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options)
+        )
+        self.best = ocp.CheckpointManager(root / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+
+    def save(self, epoch: int, state: PyTree, meta: dict[str, Any], is_best: bool) -> None:
+        """Write ``state`` and JSON ``meta`` as epoch ``epoch`` (and as the best one when ``is_best``)."""
+        managers = [self.latest] + ([self.best] if is_best else [])
+        for mngr in managers:
+            mngr.save(
+                epoch,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+            mngr.wait_until_finished()
+
+    def latest_epoch(self) -> int | None:
+        """Return the epoch of the newest checkpoint, or None."""
+        return self.latest.latest_step()
+
+    def restore(self, target: PyTree, best: bool = False, epoch: int | None = None) -> tuple[PyTree, dict[str, Any]]:
+        """Return ``(state, meta)`` of the newest (or ``best``, or given ``epoch``) checkpoint shaped like ``target``."""
+        mngr = self.best if best else self.latest
+        step = epoch if epoch is not None else mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+        out = mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        )
+        return out["state"], dict(out["meta"])
+
+    def close(self) -> None:
+        """Release the managers."""
+        self.latest.close()
+        self.best.close()

@@ -1,0 +1,127 @@
+"""The SyMat model (SPEC 2 and 3): SphereNet VAE for composition and lattice, distance-score model for coordinates.
+
+A pure linen module with one method per use (``encode``, ``decode_*``,
+``edge_scores``); :func:`per_atom_scores` turns edge scalars into the
+rotation-equivariant per-atom score on a dense batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from symat_jax import graphs, score
+from symat_jax.configs import ModelConfig
+from symat_jax.networks import MLP, NUM_ELEMENTS, SphereNet
+from symat_jax.neighbors import NeighborList
+
+Array = jax.Array
+MEAN_CLIP = 14.0
+LOGVAR_MAX = 6.0
+
+
+class Posterior(NamedTuple):
+    """Diagonal Gaussian posteriors of the three latents, each ``(mean, logvar)`` of ``[g, dim]``."""
+
+    comp_mean: Array
+    comp_logvar: Array
+    pos_mean: Array
+    pos_logvar: Array
+    lat_mean: Array
+    lat_logvar: Array
+
+
+class GaussianHead(nn.Module):
+    """Linear heads for the mean (clipped to +-14) and log-variance (<= 6, starting near zero) of a latent."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, h: Array) -> tuple[Array, Array]:
+        """Return ``(mean, logvar)`` [..., features]."""
+        mean = jnp.clip(nn.Dense(self.features, name="mean")(h), -MEAN_CLIP, MEAN_CLIP)
+        logvar = nn.Dense(
+            self.features,
+            kernel_init=nn.initializers.normal(1e-10),
+            bias_init=nn.initializers.zeros,
+            name="logvar",
+        )(h)
+        return mean, jnp.minimum(logvar, LOGVAR_MAX)
+
+
+class SyMat(nn.Module):
+    """SyMat: encoder, latent heads, composition/lattice decoders and the coordinate score network."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        """Create the submodules (the atom embedding is shared by encoder and count decoder)."""
+        c = self.config
+        if c.latent_comp != c.encoder.hidden:
+            raise ValueError("latent_comp must equal the encoder hidden size: counts use z_comp * emb(e)")
+        h = c.decoder_hidden
+        self.atom_embed = nn.Embed(NUM_ELEMENTS + 1, c.encoder.hidden)
+        self.encoder = SphereNet(c.encoder, embed=self.atom_embed)
+        self.latent_head = GaussianHead(c.latent_comp + c.latent_pos)
+        self.lattice_encoder = MLP((h, h))
+        self.lattice_head = GaussianHead(c.latent_lat)
+        self.num_types_decoder = MLP((h, c.max_atoms))
+        self.element_decoder = MLP((h, NUM_ELEMENTS))
+        self.count_decoder = MLP((h, c.max_atoms))
+        self.lattice_decoder = MLP((h, 6))
+        self.score_embed = nn.Embed(NUM_ELEMENTS + 1, c.score_net.hidden)
+        self.score_net = SphereNet(c.score_net, embed=self.score_embed)
+        self.score_head = MLP((h, 1))
+
+    def encode(self, g: graphs.EdgeGraph, lattice_std: Array, num_graphs: int) -> Posterior:
+        """Return the posteriors of ``num_graphs`` crystals from their encoder graph and standardised lattices [g, 6]."""
+        c = self.config
+        u, _ = self.encoder(g, num_graphs)
+        mean, logvar = self.latent_head(u)
+        lat_mean, lat_logvar = self.lattice_head(nn.relu(self.lattice_encoder(lattice_std)))
+        return Posterior(
+            comp_mean=mean[:, : c.latent_comp],
+            comp_logvar=logvar[:, : c.latent_comp],
+            pos_mean=mean[:, c.latent_comp :],
+            pos_logvar=logvar[:, c.latent_comp :],
+            lat_mean=lat_mean,
+            lat_logvar=lat_logvar,
+        )
+
+    def decode_composition(self, z_comp: Array) -> tuple[Array, Array]:
+        """Return ``(num_types logits [g, max_atoms] for k = 1.., element logits [g, 100] for Z = 1..)``."""
+        return self.num_types_decoder(z_comp), self.element_decoder(z_comp)
+
+    def count_logits(self, z_comp: Array, elements: Array) -> Array:
+        """Return ``[g, m, max_atoms]`` logits of the count (1..) of each element ``elements [g, m]`` (atomic numbers)."""
+        return self.count_decoder(z_comp[:, None, :] * self.atom_embed(elements))
+
+    def decode_lattice(self, z_lat: Array) -> Array:
+        """Return the standardised lattice ``[g, 6]`` (scaled lengths, angles)."""
+        return self.lattice_decoder(z_lat)
+
+    def edge_scores(self, g: graphs.EdgeGraph, z_pos: Array) -> Array:
+        """Return one scalar ``s_e`` per edge ``[e]`` of a score graph; ``z_pos [b, latent_pos]`` per crystal."""
+        _, edge_feat = self.score_net(g, z_pos.shape[0])
+        z = z_pos[g.node_graph[g.receivers]]
+        s = self.score_head(jnp.concatenate([edge_feat, z], axis=-1))[:, 0]
+        return jnp.where(g.edge_mask, s, 0.0)
+
+    def __call__(
+        self, enc: graphs.EdgeGraph, lattice_std: Array, num_graphs: int, score_g: graphs.EdgeGraph, num_crystals: int
+    ) -> Array:
+        """Touch every submodule once (for ``init``); return the edge scores of ``score_g``."""
+        post = self.encode(enc, lattice_std, num_graphs)
+        self.decode_composition(post.comp_mean)
+        self.count_logits(post.comp_mean, jnp.ones((num_graphs, 1), jnp.int32))
+        self.decode_lattice(post.lat_mean)
+        return self.edge_scores(score_g, post.pos_mean[:num_crystals])
+
+
+def per_atom_scores(edge_scalars: Array, slots: Array, nl: NeighborList) -> Array:
+    """Return ``[b, n, 3]`` per-atom scores from the scalars ``[e]`` of a score graph with edge ids ``slots [b, n, k]``."""
+    s = jnp.take(edge_scalars, slots, mode="fill", fill_value=0.0)
+    return jax.vmap(score.aggregate_edge_scalars)(s, nl)
