@@ -23,6 +23,7 @@ from symat_jax.graphs import EdgeGraph
 
 Array = jax.Array
 NUM_ELEMENTS = 100
+TORSION_ZERO_TOL = 1e-3  # rad
 
 
 class Triplets(NamedTuple):
@@ -52,15 +53,25 @@ def triplet_geometry(g: EdgeGraph, t: Triplets) -> tuple[Array, Array]:
     angle: between ``v_ji`` and ``v_jk`` at ``j``. torsion: the smallest, over
     the other incoming edges ``k' -> j`` (reverse of ``j -> i`` excluded), of
     the unsigned angle between the normals ``v_ji x v_jk`` and
-    ``v_ji x v_jk'``; an angle of exactly 0 counts as 2 pi.
+    ``v_ji x v_jk'``; an angle of 0 (below ``TORSION_ZERO_TOL``, or with a
+    collinear triplet, whose normal vanishes) counts as 2 pi.
     """
     v_ji = g.vectors[:, None, :]  # [e, 1, 3]
     v_jk = -g.vectors[t.kj]  # [e, d, 3]
     angle = jnp.arctan2(_safe_norm(jnp.cross(v_ji, v_jk)), jnp.sum(v_ji * v_jk, axis=-1))
     n = jnp.cross(v_ji, v_jk)  # [e, d, 3] plane normals
+    # A collinear k -> j -> i has no plane: its normal is exactly zero, which
+    # float32 turns into noise of arbitrary direction. Treat a normal whose
+    # sine is below the tolerance as zero: every angle with it counts as 0.
+    sin_kj = _safe_norm(n) / jnp.maximum(_safe_norm(v_ji) * _safe_norm(v_jk), 1e-12)
+    flat = sin_kj < TORSION_ZERO_TOL  # [e, d]
     n1, n2 = n[:, :, None, :], n[:, None, :, :]  # [e, d, 1, 3], [e, 1, d, 3]
     phi = jnp.arctan2(_safe_norm(jnp.cross(n1, n2)), jnp.sum(n1 * n2, axis=-1))  # [e, d, d]
-    phi = jnp.where(phi == 0.0, 2 * jnp.pi, phi)
+    # "Exactly 0" in exact arithmetic is ~1e-6 in float32 once the crystal is
+    # rotated; the tolerance keeps the rule (and rotation invariance) intact
+    # for the coplanar triplets that symmetric cells are full of.
+    zero = (phi < TORSION_ZERO_TOL) | flat[:, :, None] | flat[:, None, :]
+    phi = jnp.where(zero, 2 * jnp.pi, phi)
     phi = jnp.where(t.mask[:, None, :], phi, jnp.inf)
     torsion = jnp.min(phi, axis=-1)
     torsion = jnp.where(jnp.isfinite(torsion), torsion, 2 * jnp.pi)

@@ -335,6 +335,9 @@ def train(
     )
     state = trainer.init_state(first, config.seed)
     ckpt = RunCheckpoints(workdir, config.keep_checkpoints)
+    if not resume and ckpt.latest_epoch() is not None:
+        ckpt.close()
+        raise ValueError(f"{workdir} already holds a run; pass --resume to continue it, or choose another workdir")
     start_epoch, best = 0, float("inf")
     metrics_path = workdir / "metrics.jsonl"
     if resume and ckpt.latest_epoch() is not None:
