@@ -35,14 +35,19 @@ class Posterior(NamedTuple):
 
 
 class GaussianHead(nn.Module):
-    """Linear heads for the mean (clipped to +-14) and log-variance (<= 6, starting near zero) of a latent."""
+    """Linear heads for the mean (clipped to +-14) and log-variance (<= 6, starting near zero) of a latent.
+
+    The mean is clipped softly (``14 tanh(x / 14)``): a hard clip has zero
+    gradient outside the range, so a mean that overshoots at the start of
+    training would stay pinned there with the KL term unable to pull it back.
+    """
 
     features: int
 
     @nn.compact
     def __call__(self, h: Array) -> tuple[Array, Array]:
         """Return ``(mean, logvar)`` [..., features]."""
-        mean = jnp.clip(nn.Dense(self.features, name="mean")(h), -MEAN_CLIP, MEAN_CLIP)
+        mean = MEAN_CLIP * jnp.tanh(nn.Dense(self.features, name="mean")(h) / MEAN_CLIP)
         logvar = nn.Dense(
             self.features,
             kernel_init=nn.initializers.normal(1e-10),

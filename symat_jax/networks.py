@@ -182,7 +182,9 @@ class UpdateNodes(nn.Module):
         v = nn.Dense(c.out_emb, name="lin_up")(v)
         for i in range(c.num_output_layers):
             v = swish(nn.Dense(c.out_emb, name=f"lin_{i}")(v))
-        v = nn.Dense(c.out_channels, use_bias=False, name="lin")(v)
+        # Zero-initialised output (as DimeNet offers): the graph embedding sums
+        # these over atoms and blocks, so a random init starts it huge.
+        v = nn.Dense(c.out_channels, use_bias=False, kernel_init=nn.initializers.zeros, name="lin")(v)
         return jnp.where(g.node_mask[:, None], v, 0.0)
 
 

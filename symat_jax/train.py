@@ -230,6 +230,18 @@ class Trainer:
         return metrics
 
 
+def get_trainer(config: TrainConfig, statics: RunStatics) -> Trainer:
+    """Return the (cached) trainer of a config, so a resumed run in this process reuses compiled steps."""
+    # The schedule does not change the compiled steps: share them across it.
+    return _cached_trainer(dataclasses.replace(config, epochs=0), statics)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_trainer(config: TrainConfig, statics: RunStatics) -> Trainer:
+    """Return a new trainer (memoised by :func:`get_trainer`)."""
+    return Trainer(config, statics)
+
+
 # ----------------------------------------------------------------------------
 # The loop.
 
@@ -326,7 +338,7 @@ def train(
         statics_path.write_text(statics.to_json())
         np.savetxt(workdir / "score_norm.txt", np.asarray(statics.score_norm))
 
-    trainer = Trainer(config, statics)
+    trainer = get_trainer(config, statics)
     budgets = graphs.pad_budgets(train_data, config.batch_size, config.num_buckets, seed=config.seed)
     val_budgets = graphs.pad_budgets(val_data, config.batch_size, 1)
     first = next(

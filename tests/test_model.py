@@ -59,7 +59,14 @@ def params(crystals):
     pos, lat, mask, z = dense_one(c, 24)
     nl = jax.vmap(functools.partial(score.score_graph, config=score_config(lat)))(pos, lat, mask)
     sg, _ = graphs.score_edge_graph(nl, z, mask)
-    return MODEL.init(jax.random.PRNGKey(0), g, jnp.zeros((1, 6)), 1, sg, 1)
+    params = MODEL.init(jax.random.PRNGKey(0), g, jnp.zeros((1, 6)), 1, sg, 1)
+    # Output layers start at zero (so the encoder starts at 0); randomise them
+    # so that the invariance tests compare non-trivial outputs.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape) if x.ndim == 2 and not np.any(x) else x
+              for x, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(tree, leaves)
 
 
 def score_config(lat):

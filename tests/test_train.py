@@ -1,0 +1,100 @@
+"""Training: the loss goes down, kill-and-resume reproduces the run, bad steps are skipped, few compilations."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from symat_jax import configs, graphs, train
+from symat_jax.checkpoints import RunCheckpoints
+from symat_jax.data import read_csv
+from symat_jax.input_pipeline import epoch_batches
+
+from conftest import csv_rows, write_csv
+from test_model import CONFIG as TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def tiny_data(data_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    rows = csv_rows(data_root / "carbon_24" / "train.csv")
+    tr = read_csv(write_csv(tmp / "train.csv", rows[:24]), "carbon_24", cache_dir=tmp, progress=False)
+    va = read_csv(write_csv(tmp / "val.csv", rows[24:32]), "carbon_24", cache_dir=tmp, progress=False)
+    return tr, va
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    base = configs.get_config("carbon_24", "quick")
+    return dataclasses.replace(base, model=TINY_MODEL, batch_size=8, epochs=4, num_buckets=2, max_train=None,
+                               max_val=None, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_config, tiny_data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run_full")
+    record = train.train(tiny_config, workdir, datasets=tiny_data, progress=False)
+    return workdir, record
+
+
+def _params(workdir, config, data):
+    statics = train.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    trainer = train.get_trainer(config, statics)
+    budgets = graphs.pad_budgets(data, config.batch_size, config.num_buckets, seed=config.seed)
+    batch = next(epoch_batches(data, np.arange(len(data)), budgets, config.batch_size, 24, statics.element_slots,
+                               statics.lattice))
+    ckpt = RunCheckpoints(workdir)
+    state, meta = ckpt.restore(trainer.init_state(batch, 0))
+    ckpt.close()
+    return state, meta
+
+
+def test_short_training_lowers_the_loss(full_run):
+    workdir, record = full_run
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+    assert lines[-1]["train"]["loss"] < 0.7 * lines[0]["train"]["loss"]
+    assert lines[-1]["val"]["loss"] < lines[0]["val"]["loss"]
+    assert all(r["train"]["skipped"] == 0 and r["train"]["graph_overflow"] == 0 for r in lines)
+    norm = np.loadtxt(workdir / "score_norm.txt")
+    assert norm.shape == (50,) and norm[0] == pytest.approx(np.sqrt(2) * 0.01, rel=0.1)
+    assert (workdir / "best").exists() and record["epoch"] == 4
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(full_run, tiny_config, tiny_data, tmp_path):
+    workdir, _ = full_run
+    # "Killed" after epoch 2: only its checkpoints exist; then resumed to the end.
+    train.train(dataclasses.replace(tiny_config, epochs=2), tmp_path, datasets=tiny_data, progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train.train(tiny_config, tmp_path, datasets=tiny_data, progress=False)
+    train.train(tiny_config, tmp_path, datasets=tiny_data, progress=False, resume=True)
+    a, meta_a = _params(workdir, tiny_config, tiny_data[0])
+    b, meta_b = _params(tmp_path, tiny_config, tiny_data[0])
+    assert meta_a["epoch"] == meta_b["epoch"] == 3 and int(a.step) == int(b.step)
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+
+
+def test_non_finite_step_is_skipped_and_compilations_are_bounded(full_run, tiny_config, tiny_data):
+    workdir, _ = full_run
+    statics = train.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    trainer = train.get_trainer(tiny_config, statics)
+    budgets = graphs.pad_budgets(tiny_data[0], tiny_config.batch_size, tiny_config.num_buckets, seed=0)
+    assert trainer.train_step._cache_size() <= len(budgets)  # one program per pad budget, no more
+    batch = next(epoch_batches(tiny_data[0], np.arange(8), budgets, 8, 24, statics.element_slots, statics.lattice))
+    state = trainer.init_state(batch, 0)
+    before = jax.tree_util.tree_map(np.asarray, state.params)
+    bad = dict(batch, lattice_std=np.full_like(batch["lattice_std"], np.nan))
+    state, metrics = trainer.train_step(state, bad)
+    assert int(metrics["skipped"]) == 1 and int(state.step) == 1
+    for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_array_equal(x, y)
+    state, metrics = trainer.train_step(state, batch)
+    assert int(metrics["skipped"]) == 0 and np.isfinite(float(metrics["loss"]))
