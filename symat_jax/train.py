@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -86,6 +87,9 @@ class Trainer:
         self.sigmas = jnp.asarray(score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max), jnp.float32)
         self.score_norm = jnp.asarray(statics.score_norm, jnp.float32)
         self.graph_config = score.ScoreGraphConfig(m.score_cutoff, m.score_neighbors, tuple(statics.max_images))
+        # Python-side trace counts (chex.assert_max_traces style): padding
+        # budgets must keep these at one per budget.
+        self.traces: collections.Counter[str] = collections.Counter()
         self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
         self.eval_step = jax.jit(self._eval_step)
 
@@ -210,6 +214,7 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         """Return the next state and metrics; a non-finite loss or gradient leaves parameters unchanged."""
+        self.traces["train_step"] += 1
         key = jax.random.fold_in(state.key, state.step)
         (loss, metrics), grads = jax.value_and_grad(self._losses, has_aux=True)(state.params, batch, key, True)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -226,6 +231,7 @@ class Trainer:
 
     def _eval_step(self, params: Any, batch: Batch, key: Array) -> dict[str, Array]:
         """Return metrics of a batch at the posterior means (random noise levels from ``key``)."""
+        self.traces["eval_step"] += 1
         _, metrics = self._losses(params, batch, key, False)
         return metrics
 
