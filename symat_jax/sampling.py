@@ -1,0 +1,448 @@
+"""Generating crystals (SPEC 4): latents, composition and lattice decoding, annealed Langevin dynamics.
+
+Pure, jittable pieces:
+
+* :func:`decode_crystals`: latents -> atom types (padded to ``max_atoms``),
+  atom counts and lattices;
+* :func:`langevin`: the annealed Langevin dynamics of a batch of crystals as
+  one program (``lax.scan`` over levels, ``fori_loop`` over steps, neighbour
+  lists rebuilt inside every step, their overflow flag carried out per crystal);
+* :func:`generate`: both, padded to ``max_atoms`` (one compilation), callable
+  under ``jax.jit`` with a static config.
+
+:func:`sample` is the host-side driver: it groups crystals by atom count into
+size buckets (so 5-atom crystals are not padded to 24), chunks large
+requests, reports rejects and timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from symat_jax import geometry, graphs, score
+from symat_jax.configs import ModelConfig
+from symat_jax.model import SyMat, per_atom_scores
+from symat_jax.neighbors import required_image_range
+
+Array = jax.Array
+
+# SPEC 4 temperatures (comp, pos, lattice, coordinate noise) per dataset.
+PAPER_TEMPERATURES = {
+    "carbon_24": (1.0, 0.7, 1.0, 0.01),
+    "perov_5": (1.0, 1.0, 0.01, 0.01),
+    "mp_20": (0.2, 0.7, 0.7, 0.01),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Static sampler settings (SPEC 4 defaults: 50 levels x 100 steps, step size 1e-4)."""
+
+    num_levels: int = 50  # levels used, spread over the trained ones from high to low
+    steps_per_level: int = 100
+    step_size: float = 1e-4
+    temp_comp: float = 1.0
+    temp_pos: float = 0.7
+    temp_lat: float = 1.0
+    temp_coord: float = 0.01
+    decode: str = "argmax"  # or "sample": draw k and counts from the predicted distributions
+    decode_temperature: float = 1.0
+
+    @classmethod
+    def paper(cls, dataset: str, **overrides: Any) -> "SamplerConfig":
+        """Return the paper setting of ``dataset`` (its temperatures), with overrides."""
+        tc, tp, tl, tx = PAPER_TEMPERATURES[dataset]
+        return dataclasses.replace(cls(temp_comp=tc, temp_pos=tp, temp_lat=tl, temp_coord=tx), **overrides)
+
+
+class Decoded(NamedTuple):
+    """Decoded composition and lattice of a batch: ``atom_types [b, max_atoms]`` (0 = none), ``num_atoms [b]``
+    (may exceed ``max_atoms``: such crystals must be rejected), ``lengths``/``angles [b, 3]``."""
+
+    atom_types: Array
+    num_atoms: Array
+    lengths: Array
+    angles: Array
+
+
+class Latents(NamedTuple):
+    """Latent draws ``z_comp``, ``z_pos``, ``z_lat`` ``[b, dim]``."""
+
+    z_comp: Array
+    z_pos: Array
+    z_lat: Array
+
+
+def sample_latents(key: Array, num: int, model: ModelConfig, cfg: SamplerConfig) -> Latents:
+    """Return latents ``~ N(0, T^2 I)`` with the config's temperatures."""
+    kc, kp, kl = jax.random.split(key, 3)
+    return Latents(
+        cfg.temp_comp * jax.random.normal(kc, (num, model.latent_comp)),
+        cfg.temp_pos * jax.random.normal(kp, (num, model.latent_pos)),
+        cfg.temp_lat * jax.random.normal(kl, (num, model.latent_lat)),
+    )
+
+
+def decode_crystals(
+    params: Any,
+    model: ModelConfig,
+    z: Latents,
+    lattice_mean: Array,
+    lattice_std: Array,
+    key: Array,
+    cfg: SamplerConfig,
+) -> Decoded:
+    """Return compositions (argmax or sampled k, top-k elements, counts) and lattices of latents (jittable)."""
+    net = SyMat(model)
+    apply = functools.partial(net.apply, params)
+    k_logits, e_logits = apply(z.z_comp, method=SyMat.decode_composition)
+    kk, ke, kc = jax.random.split(key, 3)
+    t = cfg.decode_temperature
+    if cfg.decode == "sample":
+        k = jax.random.categorical(kk, k_logits / t) + 1
+        # Gumbel-top-k: a draw of k distinct elements from the element logits.
+        e_logits = e_logits / t + jax.random.gumbel(ke, e_logits.shape)
+    elif cfg.decode == "argmax":
+        k = jnp.argmax(k_logits, axis=-1) + 1
+    else:
+        raise ValueError(f"decode must be 'argmax' or 'sample', got {cfg.decode!r}")
+    m = min(model.max_atoms, e_logits.shape[-1])
+    top = jnp.argsort(-e_logits, axis=-1)[:, :m] + 1  # [b, m] atomic numbers, best first
+    c_logits = apply(z.z_comp, top, method=SyMat.count_logits)  # [b, m, max_atoms]
+    if cfg.decode == "sample":
+        counts = jax.random.categorical(kc, c_logits / t) + 1
+    else:
+        counts = jnp.argmax(c_logits, axis=-1) + 1
+    counts = jnp.where(jnp.arange(m)[None] < k[:, None], counts, 0)
+    num_atoms = jnp.sum(counts, axis=-1)
+    ends = jnp.cumsum(counts, axis=-1)  # [b, m]
+    slot = jnp.arange(model.max_atoms)
+    which = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # [b, max_atoms]
+    types = jnp.take_along_axis(top, jnp.minimum(which, m - 1), axis=-1)
+    types = jnp.where(slot[None] < num_atoms[:, None], types, 0)
+    lat = apply(z.z_lat, method=SyMat.decode_lattice) * lattice_std + lattice_mean  # scaled lengths, angles
+    lengths = lat[:, :3] * jnp.cbrt(num_atoms.astype(lat.dtype))[:, None]
+    return Decoded(types.astype(jnp.int32), num_atoms.astype(jnp.int32), lengths, lat[:, 3:])
+
+
+def level_schedule(model: ModelConfig, cfg: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(level indices high -> low [L], step sizes alpha_t [L])`` for the sampler config."""
+    sigmas = score.noise_levels(model.num_levels, model.sigma_min, model.sigma_max)
+    idx = np.unique(np.round(np.linspace(0, model.num_levels - 1, cfg.num_levels)).astype(int))[::-1]
+    alphas = cfg.step_size * (sigmas[idx] / sigmas[0]) ** 2
+    return idx, alphas
+
+
+def _langevin_step(
+    params: Any, model: ModelConfig, graph_cfg: score.ScoreGraphConfig, x: Array, lattice: Array, atom_types: Array,
+    atom_mask: Array, z_pos: Array, alpha: Array, norm: Array, temp: float, key: Array,
+) -> tuple[Array, Array]:
+    """Return ``(next positions [b, n, 3], overflow [b])`` of one Langevin step."""
+    nl = jax.vmap(functools.partial(score.score_graph, config=graph_cfg))(x, lattice, atom_mask)
+    sg, slots = graphs.score_edge_graph(nl, atom_types, atom_mask)
+    s = per_atom_scores(SyMat(model).apply(params, sg, z_pos, method=SyMat.edge_scores), slots, nl)
+    noise = jax.random.normal(key, x.shape)
+    x = x + alpha * s / norm + jnp.sqrt(2.0 * alpha) * temp * noise
+    return jax.vmap(geometry.wrap_cart)(x, lattice, atom_mask), nl.overflow
+
+
+def initial_positions(key: Array, lattice: Array, atom_mask: Array) -> Array:
+    """Return ``[b, n, 3]`` cartesian positions uniform in fractional ``[-0.5, 0.5)^3`` (0 at padding)."""
+    frac = jax.random.uniform(key, atom_mask.shape + (3,), minval=-0.5, maxval=0.5)
+    frac = jnp.where(atom_mask[..., None], frac, 0.0)
+    return geometry.frac_to_cart(frac, lattice)
+
+
+def langevin(
+    params: Any,
+    key: Array,
+    atom_types: Array,
+    atom_mask: Array,
+    lattice: Array,
+    z_pos: Array,
+    score_norm: Array,
+    *,
+    model: ModelConfig,
+    cfg: SamplerConfig,
+    max_images: tuple[int, int, int],
+) -> tuple[Array, Array]:
+    """Return ``(fractional coordinates [b, n, 3], neighbour-list overflow [b])`` after annealed Langevin dynamics.
+
+    One program: ``lax.scan`` over the levels (high to low noise),
+    ``fori_loop`` over the steps of each level; shapes are fixed.
+    """
+    graph_cfg = score.ScoreGraphConfig(model.score_cutoff, model.score_neighbors, tuple(max_images))
+    levels, alphas = level_schedule(model, cfg)
+    norms = jnp.asarray(score_norm, jnp.float32)[levels]
+    k0, kl = jax.random.split(key)
+    x = initial_positions(k0, lattice, atom_mask)
+
+    def level(carry, inputs):
+        alpha, norm, lkey = inputs
+
+        def step(i, c):
+            x, overflow = c
+            x, ovf = _langevin_step(params, model, graph_cfg, x, lattice, atom_types, atom_mask, z_pos, alpha, norm,
+                                    cfg.temp_coord, jax.random.fold_in(lkey, i))
+            return x, overflow | ovf
+
+        return jax.lax.fori_loop(0, cfg.steps_per_level, step, carry), None
+
+    keys = jax.random.split(kl, len(levels))
+    init = (x, jnp.zeros(atom_mask.shape[0], bool))
+    (x, overflow), _ = jax.lax.scan(level, init, (jnp.asarray(alphas, jnp.float32), norms, keys))
+    frac = jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(x, lattice), atom_mask)
+    return jnp.where(atom_mask[..., None], frac, 0.0), overflow
+
+
+def langevin_reference(
+    params: Any,
+    key: Array,
+    atom_types: Array,
+    atom_mask: Array,
+    lattice: Array,
+    z_pos: Array,
+    score_norm: Array,
+    *,
+    model: ModelConfig,
+    cfg: SamplerConfig,
+    max_images: tuple[int, int, int],
+) -> tuple[Array, Array]:
+    """Return the same as :func:`langevin`, computed step by step in a Python loop (slow; for testing)."""
+    graph_cfg = score.ScoreGraphConfig(model.score_cutoff, model.score_neighbors, tuple(max_images))
+    step = jax.jit(_langevin_step, static_argnums=(1, 2, 10))
+    levels, alphas = level_schedule(model, cfg)
+    k0, kl = jax.random.split(key)
+    x = initial_positions(k0, lattice, atom_mask)
+    overflow = jnp.zeros(atom_mask.shape[0], bool)
+    keys = jax.random.split(kl, len(levels))
+    for li in range(len(levels)):
+        for i in range(cfg.steps_per_level):
+            x, ovf = step(params, model, graph_cfg, x, lattice, atom_types, atom_mask, z_pos,
+                          jnp.float32(alphas[li]), jnp.float32(score_norm[levels[li]]), cfg.temp_coord,
+                          jax.random.fold_in(keys[li], i))
+            overflow = overflow | ovf
+    frac = jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(x, lattice), atom_mask)
+    return jnp.where(atom_mask[..., None], frac, 0.0), overflow
+
+
+class Generated(NamedTuple):
+    """Generated crystals padded to ``max_atoms``: types, counts, lattices, coordinates and diagnostics."""
+
+    atom_types: Array  # [b, max_atoms]
+    num_atoms: Array  # [b]
+    lengths: Array  # [b, 3]
+    angles: Array  # [b, 3]
+    frac_coords: Array  # [b, max_atoms, 3]
+    overflow: Array  # [b] neighbour list incomplete at some step
+    too_many_atoms: Array  # [b] decoded N above max_atoms (coordinates cover only the first max_atoms)
+
+
+def generate(
+    params: Any,
+    key: Array,
+    num: int,
+    score_norm: Array,
+    lattice_mean: Array,
+    lattice_std: Array,
+    *,
+    model: ModelConfig,
+    cfg: SamplerConfig,
+    max_images: tuple[int, int, int],
+) -> Generated:
+    """Return ``num`` generated crystals, all padded to ``max_atoms`` (jittable: ``num``, configs static)."""
+    kz, kd, kx = jax.random.split(key, 3)
+    z = sample_latents(kz, num, model, cfg)
+    dec = decode_crystals(params, model, z, lattice_mean, lattice_std, kd, cfg)
+    mask = dec.atom_types > 0
+    lattice = geometry.lattice_matrix(dec.lengths, dec.angles)
+    frac, overflow = langevin(params, kx, dec.atom_types, mask, lattice, z.z_pos, score_norm,
+                              model=model, cfg=cfg, max_images=max_images)
+    return Generated(dec.atom_types, dec.num_atoms, dec.lengths, dec.angles, frac, overflow,
+                     dec.num_atoms > model.max_atoms)
+
+
+# ----------------------------------------------------------------------------
+# Host-side driver with size buckets.
+
+
+def bucket_sizes(max_atoms: int, multiple: int = 4) -> list[int]:
+    """Return padded atom counts of the size buckets: multiples of ``multiple`` up to ``max_atoms``."""
+    sizes = list(range(multiple, max_atoms, multiple)) + [max_atoms]
+    return sorted(set(min(s, max_atoms) for s in sizes))
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """Host-side result of :func:`sample`: accepted crystals, rejects and timings."""
+
+    atom_types: list[np.ndarray]
+    lengths: np.ndarray
+    angles: np.ndarray
+    frac_coords: list[np.ndarray]
+    index: np.ndarray  # sample index of each accepted crystal
+    rejects: list[dict[str, Any]]
+    overflow: np.ndarray  # per accepted crystal
+    compile_seconds: float
+    run_seconds: float
+    padded_atom_share: float
+
+    def to_cdvae(self) -> dict[str, np.ndarray]:
+        """Return the accepted crystals in CDVAE's ``samples.npz`` layout (concatenated over crystals)."""
+        num = np.array([len(t) for t in self.atom_types], np.int64)
+        return {
+            "num_atoms": num,
+            "atom_types": np.concatenate(self.atom_types) if self.atom_types else np.zeros(0, np.int64),
+            "lengths": self.lengths,
+            "angles": self.angles,
+            "frac_coords": np.concatenate(self.frac_coords) if self.frac_coords else np.zeros((0, 3)),
+            "sample_index": self.index,
+        }
+
+
+_DECODE_CACHE: dict[Any, Any] = {}
+_LANGEVIN_CACHE: dict[Any, Any] = {}
+
+
+def _jitted_decode(model: ModelConfig, cfg: SamplerConfig):
+    """Return a jitted ``(params, kz, kd, num, mean, std) -> (Decoded, z_pos)`` for static configs."""
+    key = (model, cfg)
+    if key not in _DECODE_CACHE:
+        def run(params, kz, kd, num, lat_mean, lat_std):
+            z = sample_latents(kz, num, model, cfg)
+            return decode_crystals(params, model, z, lat_mean, lat_std, kd, cfg), z.z_pos
+        _DECODE_CACHE[key] = jax.jit(run, static_argnums=(3,))
+    return _DECODE_CACHE[key]
+
+
+def _compiled_langevin(model: ModelConfig, cfg: SamplerConfig, max_images: tuple[int, int, int], args: tuple):
+    """Return ``(compiled langevin for these argument shapes, seconds spent compiling now)``."""
+    shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
+    key = (model, cfg, max_images, shapes)
+    if key in _LANGEVIN_CACHE:
+        return _LANGEVIN_CACHE[key], 0.0
+    t0 = time.perf_counter()
+    fn = jax.jit(functools.partial(langevin, model=model, cfg=cfg, max_images=max_images))
+    _LANGEVIN_CACHE[key] = fn.lower(*args).compile()
+    return _LANGEVIN_CACHE[key], time.perf_counter() - t0
+
+
+def sample(
+    params: Any,
+    key: Array,
+    num: int,
+    score_norm: np.ndarray,
+    lattice_mean: np.ndarray,
+    lattice_std: np.ndarray,
+    model: ModelConfig,
+    cfg: SamplerConfig,
+    batch_size: int = 256,
+    bucket_multiple: int = 4,
+    progress: bool = True,
+) -> SampleResult:
+    """Return ``num`` crystals sampled in size buckets and chunks of ``batch_size``; rejects are listed, never dropped.
+
+    The same ``key`` gives the same crystals. Crystals are grouped by atom
+    count into buckets (multiples of ``bucket_multiple``) and padded only to
+    their bucket; a bucket's chunks are padded to one shape so each bucket
+    compiles once. Compile and run times are reported separately.
+    """
+    kz, kd, kx = jax.random.split(key, 3)
+    decode = _jitted_decode(model, cfg)
+    parts = []
+    for start in range(0, num, batch_size):
+        b = min(batch_size, num - start)
+        dec, z_pos = decode(params, jax.random.fold_in(kz, start), jax.random.fold_in(kd, start), b,
+                            jnp.asarray(lattice_mean, jnp.float32), jnp.asarray(lattice_std, jnp.float32))
+        parts.append([np.asarray(x) for x in (dec.atom_types, dec.num_atoms, dec.lengths, dec.angles, z_pos)])
+    types, n, lengths, angles, z_pos = (np.concatenate(p) for p in zip(*parts))
+
+    rejects: list[dict[str, Any]] = []
+    ok = np.ones(num, bool)
+    lattices = np.zeros((num, 3, 3))
+    for i in range(num):
+        reason = _reject_reason(int(n[i]), lengths[i], angles[i], model.max_atoms)
+        if reason is None:
+            lattices[i] = np.asarray(geometry.lattice_matrix(lengths[i], angles[i]))
+        else:
+            ok[i] = False
+            rejects.append({"index": i, "reason": reason, "num_atoms": int(n[i]),
+                            "lengths": lengths[i].tolist(), "angles": angles[i].tolist()})
+
+    sizes = bucket_sizes(model.max_atoms, bucket_multiple)
+    bucket_of = np.searchsorted(sizes, n)  # smallest bucket holding n atoms
+    frac_out: dict[int, np.ndarray] = {}
+    overflow = np.zeros(num, bool)
+    compile_s = run_s = 0.0
+    real_atoms = padded_atoms = 0
+    bar = tqdm(total=int(ok.sum()), desc="sampling", unit="crystal", disable=not progress)
+    for bi, size in enumerate(sizes):
+        members = np.flatnonzero(ok & (bucket_of == bi))
+        if not len(members):
+            continue
+        rows = min(batch_size, -(-len(members) // 8) * 8)  # one chunk shape per bucket
+        images = required_image_range(lattices[members], model.score_cutoff)
+        for start in range(0, len(members), rows):
+            idx = members[start : start + rows]
+            sel = np.concatenate([idx, np.repeat(idx[:1], rows - len(idx))])  # pad rows with a copy
+            args = (
+                params,
+                jax.random.fold_in(kx, int(idx[0])),
+                jnp.asarray(types[sel, :size]),
+                jnp.asarray(types[sel, :size] > 0),
+                jnp.asarray(lattices[sel], jnp.float32),
+                jnp.asarray(z_pos[sel]),
+                jnp.asarray(score_norm, jnp.float32),
+            )
+            fn, seconds = _compiled_langevin(model, cfg, images, args)
+            compile_s += seconds
+            t0 = time.perf_counter()
+            frac, ovf = jax.block_until_ready(fn(*args))
+            run_s += time.perf_counter() - t0
+            frac, ovf = np.asarray(frac), np.asarray(ovf)
+            for row, i in enumerate(idx):
+                frac_out[int(i)] = frac[row, : n[i]]
+                overflow[i] = bool(ovf[row])
+            real_atoms += int(n[idx].sum())
+            padded_atoms += rows * size
+            bar.update(len(idx))
+    bar.close()
+    accepted = np.flatnonzero(ok)
+    return SampleResult(
+        atom_types=[types[i, : n[i]].astype(np.int64) for i in accepted],
+        lengths=lengths[accepted],
+        angles=angles[accepted],
+        frac_coords=[frac_out[int(i)] for i in accepted],
+        index=accepted,
+        rejects=rejects,
+        overflow=overflow[accepted],
+        compile_seconds=compile_s,
+        run_seconds=run_s,
+        padded_atom_share=1.0 - real_atoms / max(padded_atoms, 1),
+    )
+
+
+def _reject_reason(n: int, lengths: np.ndarray, angles: np.ndarray, max_atoms: int) -> str | None:
+    """Return why a decoded crystal cannot be sampled, or None."""
+    if n > max_atoms:
+        return f"{n} atoms, more than the padding limit max_atoms={max_atoms}"
+    if n < 1:
+        return "no atoms"
+    if not (np.all(np.isfinite(lengths)) and np.all(np.isfinite(angles))):
+        return "NaN lattice parameters"
+    if np.any(lengths <= 0):
+        return "non-positive lattice length"
+    a = np.deg2rad(angles)
+    factor = 1 - np.sum(np.cos(a) ** 2) + 2 * np.prod(np.cos(a))
+    if factor <= 1e-6 or np.any(angles <= 0) or np.any(angles >= 180):
+        return "degenerate lattice angles"
+    return None

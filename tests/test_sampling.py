@@ -1,0 +1,112 @@
+"""The sampler: one compiled program equals a Python loop; decoding; buckets; CIF output; rejects."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pymatgen.core import Structure
+
+from symat_jax import sampling, score
+from symat_jax.model import SyMat
+from symat_jax.neighbors import required_image_range
+
+from test_model import CONFIG, params  # noqa: F401  (fixture)
+from test_model import crystals  # noqa: F401  (fixture)
+
+NORM = jnp.asarray(np.sqrt(2) * score.noise_levels(), jnp.float32)
+FEW = sampling.SamplerConfig(num_levels=3, steps_per_level=4, step_size=1e-4, temp_coord=0.01)
+
+
+def _inputs(crystals, idx):  # noqa: F811
+    lat = np.stack([crystals.crystal(i).lattice() for i in idx]).astype(np.float32)
+    types = np.zeros((len(idx), 16), np.int32)
+    for r, i in enumerate(idx):
+        types[r, : crystals.num_atoms[i]] = crystals.crystal(i).atomic_numbers
+    z_pos = jax.random.normal(jax.random.PRNGKey(5), (len(idx), CONFIG.latent_pos))
+    return jnp.asarray(types), jnp.asarray(types > 0), jnp.asarray(lat), z_pos, required_image_range(lat, 3.0)
+
+
+def test_compiled_sampler_equals_python_loop(params, crystals):  # noqa: F811
+    types, mask, lat, z_pos, images = _inputs(crystals, [0, 3, 5])
+    # A small step size keeps the dynamics from amplifying float32 rounding
+    # (different op fusion in the two programs) beyond 1e-5 within 12 steps.
+    kw = dict(model=CONFIG, cfg=dataclasses.replace(FEW, step_size=1e-6), max_images=images)
+    key = jax.random.PRNGKey(11)
+    fast = jax.jit(lambda p, k: sampling.langevin(p, k, types, mask, lat, z_pos, NORM, **kw))(params, key)
+    slow = sampling.langevin_reference(params, key, types, mask, lat, z_pos, NORM, **kw)
+    np.testing.assert_allclose(fast[0], slow[0], atol=1e-5)
+    np.testing.assert_array_equal(fast[1], slow[1])
+    frac = np.asarray(fast[0])
+    m = np.asarray(mask)
+    assert np.all(np.abs(frac[m]) <= 0.5 + 1e-5) and not np.any(frac[~m])
+    start = sampling.initial_positions(jax.random.split(key)[0], lat, mask)
+    assert not np.allclose(fast[0], jnp.einsum("bni,bij->bnj", start, jnp.linalg.inv(lat)), atol=1e-3)  # it moved
+
+
+def test_generate_is_jittable_and_reproducible(params):  # noqa: F811
+    fn = jax.jit(sampling.generate, static_argnums=(2,), static_argnames=("model", "cfg", "max_images"))
+    kw = dict(model=CONFIG, cfg=FEW, max_images=(3, 3, 3))
+    args = (NORM, jnp.array([1.6, 1.8, 2.1, 80.0, 85.0, 95.0]), jnp.full(6, 0.2))
+    a = fn(params, jax.random.PRNGKey(0), 6, *args, **kw)
+    b = fn(params, jax.random.PRNGKey(0), 6, *args, **kw)
+    c = fn(params, jax.random.PRNGKey(1), 6, *args, **kw)
+    np.testing.assert_array_equal(a.frac_coords, b.frac_coords)
+    assert not np.array_equal(a.frac_coords, c.frac_coords)
+    np.testing.assert_array_equal(np.sum(a.atom_types > 0, axis=1), np.minimum(a.num_atoms, CONFIG.max_atoms))
+
+
+def test_decoding_builds_compositions_from_the_decoders(params):  # noqa: F811
+    z = sampling.sample_latents(jax.random.PRNGKey(2), 16, CONFIG, FEW)
+    dec = sampling.decode_crystals(params, CONFIG, z, jnp.zeros(6), jnp.ones(6), jax.random.PRNGKey(3), FEW)
+    net = SyMat(CONFIG)
+    k_logits, e_logits = net.apply(params, z.z_comp, method=SyMat.decode_composition)
+    k = np.argmax(k_logits, axis=-1) + 1
+    for b in range(16):
+        present = set(np.asarray(dec.atom_types[b])[np.asarray(dec.atom_types[b]) > 0])
+        top = set(np.argsort(-np.asarray(e_logits[b]))[: k[b]] + 1)
+        if dec.num_atoms[b] <= CONFIG.max_atoms:
+            assert present == top  # exactly the top-k elements, each at least once
+    sampled = sampling.decode_crystals(params, CONFIG, z, jnp.zeros(6), jnp.ones(6), jax.random.PRNGKey(3),
+                                       dataclasses.replace(FEW, decode="sample"))
+    assert not np.array_equal(sampled.atom_types, dec.atom_types)
+
+
+def _biased(params, k, count):
+    """Return params whose decoders pick ``k`` elements with ``count`` atoms each (almost surely)."""
+    p = jax.tree_util.tree_map(lambda x: x, params)
+    inner = p["params"]
+    inner["num_types_decoder"]["Dense_1"]["bias"] = inner["num_types_decoder"]["Dense_1"]["bias"].at[k - 1].add(50.0)
+    inner["count_decoder"]["Dense_1"]["bias"] = inner["count_decoder"]["Dense_1"]["bias"].at[count - 1].add(50.0)
+    return p
+
+
+def test_sample_buckets_and_reproduces(params):  # noqa: F811
+    # Lattice mean/std that decode to sensible cells: lengths ~1.6 A * N^(1/3), angles ~90.
+    mean, std = np.array([1.6, 1.6, 1.6, 90.0, 90.0, 90.0]), np.array([0.05, 0.05, 0.05, 2.0, 2.0, 2.0])
+    p = _biased(params, 1, 3)  # 3-atom crystals: padded to the 4-atom bucket, not to 24
+    run = functools.partial(sampling.sample, p, jax.random.PRNGKey(4), 10, np.asarray(NORM), mean, std, CONFIG, FEW,
+                            batch_size=4, progress=False)
+    res = run()
+    assert len(res.atom_types) == 10 and not res.rejects
+    assert all(len(t) == 3 for t in res.atom_types)
+    assert res.padded_atom_share == pytest.approx(1 - 30 / (12 * 4))  # 3 chunks of 4 rows x 4 slots
+    assert res.compile_seconds > 0 and res.run_seconds > 0
+    again = run()
+    assert again.compile_seconds == 0.0  # compiled once per bucket shape
+    for a, b in zip(res.frac_coords, again.frac_coords):
+        np.testing.assert_array_equal(a, b)
+    out = res.to_cdvae()
+    assert out["num_atoms"].sum() == len(out["atom_types"]) == len(out["frac_coords"])
+
+
+def test_too_many_atoms_are_rejected_not_cut(params):  # noqa: F811
+    mean, std = np.array([1.6, 1.6, 1.6, 90.0, 90.0, 90.0]), np.array([0.05, 0.05, 0.05, 2.0, 2.0, 2.0])
+    p = _biased(params, 5, 7)  # 35 atoms > max_atoms = 24
+    res = sampling.sample(p, jax.random.PRNGKey(4), 3, np.asarray(NORM), mean, std, CONFIG, FEW, progress=False)
+    assert not res.atom_types and len(res.rejects) == 3
+    assert all(r["num_atoms"] == 35 and "max_atoms=24" in r["reason"] for r in res.rejects)
