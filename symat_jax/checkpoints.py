@@ -48,6 +48,15 @@ class RunCheckpoints:
         )
         return out["state"], dict(out["meta"])
 
+    def restore_raw(self, best: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return ``(state as nested dicts, meta)`` of the best (else newest) checkpoint, no target needed."""
+        mngr = self.best if best and self.best.latest_step() is not None else self.latest
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        return dict(out["state"]), dict(out["meta"])
+
     def close(self) -> None:
         """Release the managers."""
         self.latest.close()

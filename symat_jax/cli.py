@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -91,6 +92,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("train", help="train SyMat (resumable; orbax checkpoints in --workdir)")
     _add_data_args(p)
     add_train_args(p)
+    p = sub.add_parser("sample", help="generate crystals from a trained run (samples.npz + CIF files)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--num", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--levels", type=int, default=None, help="noise levels used (default 50)")
+    p.add_argument("--langevin-steps", type=int, default=None, help="steps per level (default 100)")
+    p.add_argument("--step-size", type=float, default=None, help="base step size (default 1e-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode", choices=("argmax", "sample"), default="argmax")
+    p.add_argument("--decode-temperature", type=float, default=1.0)
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -98,7 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             preprocess(args.dataset, args.data_root, args.splits, args.workers)
         elif args.command == "train":
             run_training(args)
-    except (registry.DatasetNotFoundError, ValueError) as err:
+        elif args.command == "sample":
+            from symat_jax.generate_cli import run_sample
+
+            summary = run_sample(args.workdir, args.num, args.out, args.batch_size, args.levels, args.langevin_steps,
+                                 args.step_size, args.seed, args.decode, args.decode_temperature, args.checkpoint)
+            print(json.dumps(summary, indent=1))
+    except (registry.DatasetNotFoundError, ValueError, FileNotFoundError) as err:
         print(f"symat {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -110,3 +110,22 @@ def test_too_many_atoms_are_rejected_not_cut(params):  # noqa: F811
     res = sampling.sample(p, jax.random.PRNGKey(4), 3, np.asarray(NORM), mean, std, CONFIG, FEW, progress=False)
     assert not res.atom_types and len(res.rejects) == 3
     assert all(r["num_atoms"] == 35 and "max_atoms=24" in r["reason"] for r in res.rejects)
+
+
+def test_written_cifs_parse_back_to_the_same_crystals(params, tmp_path):  # noqa: F811
+    from symat_jax.generate_cli import write_samples
+
+    mean, std = np.array([1.7, 1.7, 1.7, 90.0, 90.0, 90.0]), np.array([0.1, 0.1, 0.1, 5.0, 5.0, 5.0])
+    res = sampling.sample(_biased(params, 1, 5), jax.random.PRNGKey(8), 4, np.asarray(NORM), mean, std, CONFIG, FEW,
+                          progress=False)
+    write_samples(res, tmp_path)
+    saved = np.load(tmp_path / "samples.npz")
+    starts = np.concatenate([[0], np.cumsum(saved["num_atoms"])])
+    for k, i in enumerate(res.index):
+        s = Structure.from_file(tmp_path / "cif" / f"{i}.cif")
+        np.testing.assert_allclose(s.lattice.abc, res.lengths[k], rtol=1e-5)
+        np.testing.assert_allclose(s.lattice.angles, res.angles[k], atol=1e-4)
+        assert [site.specie.Z for site in s] == list(res.atom_types[k])
+        d = s.frac_coords - res.frac_coords[k]
+        np.testing.assert_allclose(d - np.round(d), 0, atol=1e-5)  # same sites up to lattice translations
+        np.testing.assert_allclose(saved["frac_coords"][starts[k] : starts[k + 1]], res.frac_coords[k])
