@@ -39,8 +39,7 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "perov_5/val.csv" in capsys.readouterr().err
 
 
-def test_train_carbon_runs_on_its_defaults(tiny_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("SYMAT_DATA_ROOT", str(tiny_root))
-    monkeypatch.setenv("SYMAT_CACHE_DIR", str(tmp_path / "cache"))
-    assert train_carbon.main([]) == 0
-    assert "carbon_24/test: 11 crystals" in capsys.readouterr().out
+def test_train_carbon_reports_missing_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SYMAT_DOWNLOAD_URL", "http://127.0.0.1:9/none")
+    assert train_carbon.main(["--data-root", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "w")]) == 2
+    assert "carbon_24/train.csv" in capsys.readouterr().err
