@@ -395,6 +395,8 @@ def train(
             "epoch_seconds": round(time.perf_counter() - t0, 3),
             "train": train_metrics,
             "val": val_metrics,
+            # Programs traced so far in this process (one per pad budget at most).
+            "compilations": dict(trainer.traces),
         }
         # Checkpoint first, then log: a kill in between repeats a log line at worst.
         ckpt.save(epoch, state, {"epoch": epoch, "best_val_loss": best, "val": val_metrics}, is_best)
