@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, NamedTuple
 
@@ -174,63 +173,42 @@ def langevin(
     model: ModelConfig,
     cfg: SamplerConfig,
     max_images: tuple[int, int, int],
+    python_loop: bool = False,
 ) -> tuple[Array, Array]:
     """Return ``(fractional coordinates [b, n, 3], neighbour-list overflow [b])`` after annealed Langevin dynamics.
 
     One program: ``lax.scan`` over the levels (high to low noise),
     ``fori_loop`` over the steps of each level; shapes are fixed.
+    ``python_loop=True`` runs the same steps one jitted step at a time from
+    Python instead (slow; the reference the compiled loop is tested against).
     """
     graph_cfg = score.ScoreGraphConfig(model.score_cutoff, model.score_neighbors, tuple(max_images))
     levels, alphas = level_schedule(model, cfg)
+    alphas = jnp.asarray(alphas, jnp.float32)
     norms = jnp.asarray(score_norm, jnp.float32)[levels]
     k0, kl = jax.random.split(key)
-    x = initial_positions(k0, lattice, atom_mask)
+    level_keys = jax.random.split(kl, len(levels))
+    carry = (initial_positions(k0, lattice, atom_mask), jnp.zeros(atom_mask.shape[0], bool))
+    fixed = (params, model, graph_cfg)
+    inputs = (lattice, atom_types, atom_mask, z_pos)
 
-    def level(carry, inputs):
-        alpha, norm, lkey = inputs
+    def step(i, c, alpha, norm, lkey, step_fn=_langevin_step):
+        x, overflow = c
+        x, ovf = step_fn(*fixed, x, *inputs, alpha, norm, cfg.temp_coord, jax.random.fold_in(lkey, i))
+        return x, overflow | ovf
 
-        def step(i, c):
-            x, overflow = c
-            x, ovf = _langevin_step(params, model, graph_cfg, x, lattice, atom_types, atom_mask, z_pos, alpha, norm,
-                                    cfg.temp_coord, jax.random.fold_in(lkey, i))
-            return x, overflow | ovf
+    if python_loop:
+        jitted = jax.jit(_langevin_step, static_argnums=(1, 2, 10))
+        for li in range(len(levels)):
+            for i in range(cfg.steps_per_level):
+                carry = step(i, carry, alphas[li], norms[li], level_keys[li], jitted)
+    else:
+        def level(c, xs):
+            alpha, norm, lkey = xs
+            return jax.lax.fori_loop(0, cfg.steps_per_level, functools.partial(step, alpha=alpha, norm=norm, lkey=lkey), c), None
 
-        return jax.lax.fori_loop(0, cfg.steps_per_level, step, carry), None
-
-    keys = jax.random.split(kl, len(levels))
-    init = (x, jnp.zeros(atom_mask.shape[0], bool))
-    (x, overflow), _ = jax.lax.scan(level, init, (jnp.asarray(alphas, jnp.float32), norms, keys))
-    frac = jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(x, lattice), atom_mask)
-    return jnp.where(atom_mask[..., None], frac, 0.0), overflow
-
-
-def langevin_reference(
-    params: Any,
-    key: Array,
-    atom_types: Array,
-    atom_mask: Array,
-    lattice: Array,
-    z_pos: Array,
-    score_norm: Array,
-    *,
-    model: ModelConfig,
-    cfg: SamplerConfig,
-    max_images: tuple[int, int, int],
-) -> tuple[Array, Array]:
-    """Return the same as :func:`langevin`, computed step by step in a Python loop (slow; for testing)."""
-    graph_cfg = score.ScoreGraphConfig(model.score_cutoff, model.score_neighbors, tuple(max_images))
-    step = jax.jit(_langevin_step, static_argnums=(1, 2, 10))
-    levels, alphas = level_schedule(model, cfg)
-    k0, kl = jax.random.split(key)
-    x = initial_positions(k0, lattice, atom_mask)
-    overflow = jnp.zeros(atom_mask.shape[0], bool)
-    keys = jax.random.split(kl, len(levels))
-    for li in range(len(levels)):
-        for i in range(cfg.steps_per_level):
-            x, ovf = step(params, model, graph_cfg, x, lattice, atom_types, atom_mask, z_pos,
-                          jnp.float32(alphas[li]), jnp.float32(score_norm[levels[li]]), cfg.temp_coord,
-                          jax.random.fold_in(keys[li], i))
-            overflow = overflow | ovf
+        carry, _ = jax.lax.scan(level, carry, (alphas, norms, level_keys))
+    x, overflow = carry
     frac = jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(x, lattice), atom_mask)
     return jnp.where(atom_mask[..., None], frac, 0.0), overflow
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from symat_jax.metrics import build_crystal, min_periodic_distance, structure_validity
 

@@ -38,7 +38,7 @@ def test_compiled_sampler_equals_python_loop(params, crystals):  # noqa: F811
     kw = dict(model=CONFIG, cfg=dataclasses.replace(FEW, step_size=1e-6), max_images=images)
     key = jax.random.PRNGKey(11)
     fast = jax.jit(lambda p, k: sampling.langevin(p, k, types, mask, lat, z_pos, NORM, **kw))(params, key)
-    slow = sampling.langevin_reference(params, key, types, mask, lat, z_pos, NORM, **kw)
+    slow = sampling.langevin(params, key, types, mask, lat, z_pos, NORM, **kw, python_loop=True)
     np.testing.assert_allclose(fast[0], slow[0], atol=1e-5)
     np.testing.assert_array_equal(fast[1], slow[1])
     frac = np.asarray(fast[0])
@@ -76,9 +76,9 @@ def test_decoding_builds_compositions_from_the_decoders(params):  # noqa: F811
     assert not np.array_equal(sampled.atom_types, dec.atom_types)
 
 
-def _biased(params, k, count):
+def _biased(base, k, count):
     """Return params whose decoders pick ``k`` elements with ``count`` atoms each (almost surely)."""
-    p = jax.tree_util.tree_map(lambda x: x, params)
+    p = jax.tree_util.tree_map(lambda x: x, base)
     inner = p["params"]
     inner["num_types_decoder"]["Dense_1"]["bias"] = inner["num_types_decoder"]["Dense_1"]["bias"].at[k - 1].add(50.0)
     inner["count_decoder"]["Dense_1"]["bias"] = inner["count_decoder"]["Dense_1"]["bias"].at[count - 1].add(50.0)
