@@ -289,7 +289,9 @@ def _mean_metrics(rows: list[dict[str, Array]], weights: list[int]) -> dict[str,
     return out
 
 
-def evaluate(trainer: Trainer, params: Any, data: CrystalDataset, budgets, seed: int) -> dict[str, float]:
+def evaluate(
+    trainer: Trainer, params: Any, data: CrystalDataset, budgets: list[graphs.PadBudget], seed: int
+) -> dict[str, float]:
     """Return the metrics of ``data`` at the posterior means (fixed noise draws from ``seed``)."""
     c = trainer.config
     rows, weights = [], []
