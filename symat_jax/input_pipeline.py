@@ -83,7 +83,8 @@ def make_batch(
     def padded(x: np.ndarray) -> np.ndarray:
         return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
 
-    counts_all = data.element_counts()[indices]  # [real, 100]
+    sub = data.subset(indices)
+    counts_all = sub.element_counts()  # [real, 100]
     elements = np.zeros((real, num_element_slots), np.int32)
     counts = np.zeros((real, num_element_slots), np.int32)
     element_mask = np.zeros((real, num_element_slots), bool)
@@ -97,7 +98,7 @@ def make_batch(
         elements[row, : len(present)] = present + 1
         counts[row, : len(present)] = c[present]
         element_mask[row, : len(present)] = True
-    lat_std = standardizer.transform(lattice_features(data.subset(indices)))
+    lat_std = standardizer.transform(lattice_features(sub))
     batch: Batch = {k: padded(v) for k, v in dense.items()}
     batch.update(
         enc=enc,
