@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from symat_jax import geometry, graphs, score
 from symat_jax.configs import ModelConfig
+from symat_jax.data.canonical import volume_factor
 from symat_jax.model import SyMat, per_atom_scores
 from symat_jax.neighbors import required_image_range
 
@@ -419,8 +420,6 @@ def _reject_reason(n: int, lengths: np.ndarray, angles: np.ndarray, max_atoms: i
         return "NaN lattice parameters"
     if np.any(lengths <= 0):
         return "non-positive lattice length"
-    a = np.deg2rad(angles)
-    factor = 1 - np.sum(np.cos(a) ** 2) + 2 * np.prod(np.cos(a))
-    if factor <= 1e-6 or np.any(angles <= 0) or np.any(angles >= 180):
+    if volume_factor(angles) <= 1e-6 or np.any(angles <= 0) or np.any(angles >= 180):
         return "degenerate lattice angles"
     return None

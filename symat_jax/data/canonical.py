@@ -55,6 +55,12 @@ class CanonicalCrystal:
         )
 
 
+def volume_factor(angles_deg: np.ndarray) -> float:
+    """Return ``V / (a b c)`` squared for cell angles in degrees (<= 0 for an impossible cell)."""
+    ca, cb, cg = np.cos(np.deg2rad(np.asarray(angles_deg, dtype=np.float64)))
+    return float(1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg)
+
+
 def center_frac_coords(frac_coords: np.ndarray) -> np.ndarray:
     """Return [n, 3] fractional coordinates moved compactly around the origin (SPEC 1 step 3).
 

@@ -25,6 +25,7 @@ from symat_jax.data.canonical import (
     BadCrystalError,
     CanonicalCrystal,
     canonicalize,
+    volume_factor,
 )
 
 log = logging.getLogger(__name__)
@@ -246,9 +247,7 @@ def _raise_if_bad_cell(cif: str) -> None:
     a, b, c, alpha, beta, gamma = (values[k] for k in _CELL_KEYS)
     if not all(math.isfinite(v) for v in (a, b, c, alpha, beta, gamma)):
         raise BadCrystalError("NaN or infinite lattice parameter")
-    ca, cb, cg = (math.cos(math.radians(x)) for x in (alpha, beta, gamma))
-    factor = 1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg
-    volume = a * b * c * math.sqrt(max(factor, 0.0))
+    volume = a * b * c * math.sqrt(max(volume_factor([alpha, beta, gamma]), 0.0))
     if volume < MIN_VOLUME_PER_ATOM or min(a, b, c) <= 0:
         raise BadCrystalError(f"degenerate lattice (volume {volume:.3g} A^3)")
 
