@@ -104,6 +104,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--decode", choices=("argmax", "sample"), default="argmax")
     p.add_argument("--decode-temperature", type=float, default=1.0)
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p = sub.add_parser("train-property", help="train the property model used by the evaluation's property EMD")
+    _add_data_args(p)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--preset", default="default", choices=("default", "quick"))
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--resume", action="store_true")
+    p = sub.add_parser("evaluate", help="CDVAE metrics of generated crystals (validity, COV-R/COV-P, EMDs)")
+    _add_data_args(p)
+    p.add_argument("--samples", required=True, help="samples.npz in the CDVAE layout, or the folder holding it")
+    p.add_argument("--reference", default=None, help="CSV of reference crystals (default: the dataset's test split)")
+    p.add_argument("--property-model", default=None, help="workdir of `symat train-property` (else property_emd is null)")
+    p.add_argument("--out", default=None, help="write the report here as JSON")
+    p.add_argument("--comp-scaler", default=None, help="comp_scaler.json (default: <data root>/comp_scaler.json)")
+    p.add_argument("--workers", type=int, default=None, help="processes for fingerprints (default: all cores)")
+    p.add_argument("--num-property-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-idx", type=int, default=0, help="evaluation index of CDVAE files with a leading axis")
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -117,6 +134,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run_sample(args.workdir, args.num, args.out, args.batch_size, args.levels, args.langevin_steps,
                                  args.step_size, args.seed, args.decode, args.decode_temperature, args.checkpoint)
             print(json.dumps(summary, indent=1))
+        elif args.command == "train-property":
+            from symat_jax.property_model import get_property_config, train_property
+
+            overrides = {"epochs": args.epochs} if args.epochs is not None else {}
+            config = get_property_config(args.dataset, args.preset, **overrides)
+            print(json.dumps(train_property(config, args.workdir, args.data_root, resume=args.resume), indent=1))
+        elif args.command == "evaluate":
+            from symat_jax import metrics
+            from symat_jax.evaluate_cli import run_evaluate
+
+            report = run_evaluate(args.samples, args.dataset, args.out, args.reference, args.property_model,
+                                  args.data_root, args.comp_scaler, args.workers, args.num_property_samples,
+                                  args.seed, args.batch_idx)
+            print(metrics.format_report(report))
     except (registry.DatasetNotFoundError, ValueError, FileNotFoundError) as err:
         print(f"symat {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -154,7 +154,7 @@ def test_cache_is_used_and_keyed_by_content(data_root, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("processed again although cached")
 
-    monkeypatch.setattr(dataset_mod, "_process_rows", fail)
+    monkeypatch.setattr(dataset_mod.hostpool, "parallel_map", fail)
     t0 = time.perf_counter()
     second = read_csv(path, "perov_5", cache_dir=tmp_path / "c", progress=False)
     assert time.perf_counter() - t0 < 2.0

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import dataclasses
 import hashlib
 import io
 import logging
 import math
-import multiprocessing
 import os
 import pathlib
 import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from symat_jax import hostpool
 from symat_jax.data import registry
 from symat_jax.data.canonical import (
     MAX_ATOMIC_NUMBER,
@@ -34,8 +32,6 @@ log = logging.getLogger(__name__)
 # then ignored rather than trusted.
 CACHE_VERSION = 1
 CACHE_DIR_ENV = "SYMAT_CACHE_DIR"
-# Below this many rows, a process pool costs more than it saves.
-_MIN_ROWS_FOR_POOL = 32
 
 csv.field_size_limit(1 << 30)
 
@@ -252,17 +248,12 @@ def _raise_if_bad_cell(cif: str) -> None:
         raise BadCrystalError(f"degenerate lattice (volume {volume:.3g} A^3)")
 
 
-def _process_chunk(
-    chunk: list[tuple[int, str]], max_atoms: int, with_graph: bool
-) -> list[tuple[int, CanonicalCrystal | str]]:
-    """Return ``(row, crystal or error message)`` for each ``(row, cif)`` of ``chunk``."""
-    out: list[tuple[int, CanonicalCrystal | str]] = []
-    for row, cif in chunk:
-        try:
-            out.append((row, process_row(cif, max_atoms, with_graph)))
-        except BadCrystalError as err:
-            out.append((row, str(err)))
-    return out
+def _process_one(cif: str, max_atoms: int, with_graph: bool) -> CanonicalCrystal | str:
+    """Return the canonical crystal of one CIF, or the reason it was rejected."""
+    try:
+        return process_row(cif, max_atoms, with_graph)
+    except BadCrystalError as err:
+        return str(err)
 
 
 # ----------------------------------------------------------------------------
@@ -332,9 +323,9 @@ def read_csv(
     if rows and "cif" not in rows[0]:
         raise ValueError(f"{csv_path}: no 'cif' column (columns: {', '.join(rows[0])})")
     ids = [str(r.get("material_id") or f"row {k}") for k, r in enumerate(rows)]
-    results = _process_rows(
-        [r.get("cif") or "" for r in rows], info.max_atoms, with_graph, num_workers, progress,
-        desc=f"{csv_path.name} ({dataset})",
+    results = hostpool.parallel_map(
+        _process_one, [r.get("cif") or "" for r in rows], info.max_atoms, with_graph,
+        workers=num_workers, progress=progress, desc=f"{csv_path.name} ({dataset})",
     )
     keep, skipped = [], []
     for k, res in enumerate(results):
@@ -376,59 +367,6 @@ def _report_skipped(csv_path: pathlib.Path, skipped: Sequence[tuple[str, str]], 
         log.warning("%s: skipped %s: %s", csv_path.name, mid, reason)
     if skipped:
         log.warning("%s: skipped %d of %d rows; loaded %d", csv_path.name, len(skipped), len(skipped) + kept, kept)
-
-
-def _process_rows(
-    cifs: list[str], max_atoms: int, with_graph: bool, num_workers: int | None, progress: bool, desc: str
-) -> list[CanonicalCrystal | str]:
-    """Return per row a crystal or an error message, using a process pool for large inputs."""
-    workers = num_workers or os.cpu_count() or 1
-    indexed = list(enumerate(cifs))
-    results: list[CanonicalCrystal | str] = [""] * len(cifs)
-    bar = tqdm(total=len(cifs), desc=desc, unit="crystal", disable=not progress)
-    if workers <= 1 or len(cifs) < _MIN_ROWS_FOR_POOL:
-        for row, res in _process_chunk(indexed, max_atoms, with_graph):
-            results[row] = res
-            bar.update(1)
-    else:
-        chunk = max(1, min(16, len(cifs) // (workers * 8)))
-        chunks = [indexed[i : i + chunk] for i in range(0, len(indexed), chunk)]
-        try:
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool, \
-                    warnings.catch_warnings():
-                # Workers only run pymatgen; JAX's fork warning does not apply.
-                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
-                futures = [pool.submit(_process_chunk, c, max_atoms, with_graph) for c in chunks]
-                for fut in concurrent.futures.as_completed(futures):
-                    done = fut.result()
-                    for row, res in done:
-                        results[row] = res
-                    bar.update(len(done))
-        except concurrent.futures.process.BrokenProcessPool:
-            # spawn re-imports the caller's script, which fails without an
-            # `if __name__ == "__main__":` guard; finish the work here instead.
-            log.warning(
-                "worker processes failed to start (guard your script with `if __name__ == '__main__':` "
-                "for parallel preprocessing); continuing in this process"
-            )
-            todo = [item for item in indexed if isinstance(results[item[0]], str) and not results[item[0]]]
-            for row, res in _process_chunk(todo, max_atoms, with_graph):
-                results[row] = res
-                bar.update(1)
-    bar.close()
-    return results
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """Return fork where the platform has it, else spawn.
-
-    spawn re-runs the caller's unguarded script in every worker, which is far
-    worse than fork's caveat with JAX (a warning about threads): the workers
-    only run pymatgen and never touch JAX.
-    """
-    if "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
 
 
 def _assemble(

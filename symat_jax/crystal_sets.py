@@ -1,0 +1,120 @@
+"""Sets of crystals in CDVAE's flat layout: generated ``samples.npz`` files and dataset splits, for evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from symat_jax.data.dataset import CrystalDataset
+
+
+@dataclasses.dataclass(frozen=True)
+class CrystalSet:
+    """Crystals concatenated over atoms: ``num_atoms`` [c], ``atom_types`` [a], ``frac_coords`` [a, 3], ``lengths``/``angles`` [c, 3].
+
+    ``num_rejected`` counts crystals a sampler generated but could not write
+    (too many atoms, degenerate cell): evaluation counts them as invalid.
+    """
+
+    num_atoms: np.ndarray
+    atom_types: np.ndarray
+    frac_coords: np.ndarray
+    lengths: np.ndarray
+    angles: np.ndarray
+    num_rejected: int = 0
+
+    def __post_init__(self) -> None:
+        """Check that the arrays agree with each other."""
+        c, a = len(self.num_atoms), int(np.sum(self.num_atoms))
+        if self.atom_types.shape != (a,) or self.frac_coords.shape != (a, 3):
+            raise ValueError(f"{a} atoms in num_atoms but atom_types {self.atom_types.shape}, "
+                             f"frac_coords {self.frac_coords.shape}")
+        if self.lengths.shape != (c, 3) or self.angles.shape != (c, 3):
+            raise ValueError(f"{c} crystals but lengths {self.lengths.shape}, angles {self.angles.shape}")
+
+    def __len__(self) -> int:
+        """Return the number of crystals with coordinates (rejects not included)."""
+        return len(self.num_atoms)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Return ``[c + 1]`` start of each crystal's atoms."""
+        return np.concatenate([[0], np.cumsum(self.num_atoms)]).astype(np.int64)
+
+    def crystal(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Return ``(atom_types, lengths, angles, frac_coords)`` of crystal ``i``."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.atom_types[a:b], self.lengths[i], self.angles[i], self.frac_coords[a:b]
+
+    def subset(self, indices: np.ndarray) -> "CrystalSet":
+        """Return crystals ``indices`` (in that order; no rejects)."""
+        indices = np.asarray(indices, np.int64)
+        off = self.offsets
+        atoms = np.concatenate([np.arange(off[i], off[i + 1]) for i in indices]) if len(indices) else np.zeros(0, int)
+        return CrystalSet(self.num_atoms[indices], self.atom_types[atoms], self.frac_coords[atoms],
+                          self.lengths[indices], self.angles[indices])
+
+    def digest(self) -> str:
+        """Return the sha256 of the crystals' arrays (the key of cached fingerprints)."""
+        h = hashlib.sha256()
+        for arr in (self.num_atoms, self.atom_types, self.frac_coords, self.lengths, self.angles):
+            a = np.ascontiguousarray(arr)
+            h.update(str((a.shape, a.dtype.str)).encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def dense(self, max_atoms: int | None = None) -> dict[str, np.ndarray]:
+        """Return the crystals padded to ``max_atoms`` (default: the largest): ``atomic_numbers``, ``frac_coords``, ``atom_mask`` [c, n...], ``lengths``, ``angles``."""
+        n = int(self.num_atoms.max(initial=1)) if max_atoms is None else max_atoms
+        if len(self) and self.num_atoms.max() > n:
+            raise ValueError(f"a crystal has {self.num_atoms.max()} atoms, more than max_atoms={n}")
+        c = len(self)
+        row = np.repeat(np.arange(c), self.num_atoms)
+        col = np.arange(len(self.atom_types)) - self.offsets[row]
+        z = np.zeros((c, n), np.int32)
+        frac = np.zeros((c, n, 3), np.float32)
+        mask = np.zeros((c, n), bool)
+        z[row, col], frac[row, col], mask[row, col] = self.atom_types, self.frac_coords, True
+        return {"atomic_numbers": z, "frac_coords": frac, "atom_mask": mask,
+                "lengths": self.lengths.astype(np.float32), "angles": self.angles.astype(np.float32)}
+
+    @classmethod
+    def from_dataset(cls, data: CrystalDataset) -> "CrystalSet":
+        """Return the crystals of a dataset split (its canonical cells)."""
+        return cls(np.asarray(data.num_atoms, np.int64), np.asarray(data.atomic_numbers, np.int64),
+                   np.asarray(data.frac_coords, float), np.asarray(data.lengths, float), np.asarray(data.angles, float))
+
+    @classmethod
+    def from_samples(cls, path: str | os.PathLike, batch_idx: int = 0) -> "CrystalSet":
+        """Return the crystals of a CDVAE-layout ``samples.npz`` (a file, or a folder holding one).
+
+        Arrays may carry CDVAE's leading evaluation axis (``num_atoms`` [k, c]):
+        ``batch_idx`` picks one, as CDVAE's evaluation does. A ``rejects.json``
+        beside the file (written by ``symat sample``) adds its crystals as rejects.
+        """
+        path = pathlib.Path(path)
+        folder = path if path.is_dir() else path.parent
+        file = path / "samples.npz" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"{file} does not exist")
+        try:
+            with np.load(file) as z:
+                arrays = {k: z[k] for k in ("num_atoms", "atom_types", "frac_coords", "lengths", "angles")}
+        except KeyError as err:
+            raise ValueError(f"{file}: not in the CDVAE layout (missing {err}); needs num_atoms, atom_types, "
+                             "frac_coords, lengths, angles") from None
+        if arrays["num_atoms"].ndim == 2:
+            arrays = {k: v[batch_idx] for k, v in arrays.items()}
+        rejects = folder / "rejects.json"
+        num_rejected = len(json.loads(rejects.read_text())) if rejects.exists() else 0
+        try:
+            return cls(arrays["num_atoms"].astype(np.int64), arrays["atom_types"].astype(np.int64),
+                       arrays["frac_coords"].astype(float), arrays["lengths"].astype(float),
+                       arrays["angles"].astype(float), num_rejected)
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from None
