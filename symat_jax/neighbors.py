@@ -167,6 +167,33 @@ def periodic_neighbors(
     )
 
 
+def nearest_with_ties(nl: NeighborList, k: int, tol: float = 1e-3) -> NeighborList:
+    """Return the ``k`` nearest neighbours of each atom plus every neighbour tied with the ``k``-th (within ``tol`` A).
+
+    ``nl`` must come from :func:`periodic_neighbors` with ``keep_nearest`` and
+    a capacity above ``k`` (nearest first). Cutting at exactly ``k`` would pick
+    among equidistant neighbours by float noise - symmetric crystals have whole
+    shells at one distance - so the graph would change under a translation or
+    a permutation of the atoms; a shell is kept or dropped whole instead.
+    ``overflow`` rises when a kept shell may continue past the capacity.
+    """
+    cap = nl.senders.shape[-1]
+    if k >= cap:
+        raise ValueError(f"capacity {cap} must exceed k={k} to hold the ties of the k-th neighbour")
+    d = jnp.where(nl.mask, nl.distances, jnp.inf)
+    kth = jnp.min(jnp.where(jnp.arange(cap) == k - 1, d, jnp.inf), axis=-1, keepdims=True)  # [..., n, 1]
+    keep = nl.mask & (d <= kth + tol)
+    truncated = keep[..., -1] & (nl.num_neighbors > cap)
+    return nl._replace(
+        senders=jnp.where(keep, nl.senders, nl.senders.shape[-2]),
+        offsets=jnp.where(keep[..., None], nl.offsets, 0),
+        vectors=jnp.where(keep[..., None], nl.vectors, 0.0),
+        distances=jnp.where(keep, nl.distances, 0.0),
+        mask=keep,
+        overflow=nl.overflow | jnp.any(truncated, axis=-1),
+    )
+
+
 def estimate_capacity(num_neighbors: np.ndarray, multiple: int = 8, slack: float = 1.2) -> int:
     """Return a neighbour capacity that holds ``num_neighbors`` with ``slack``, rounded up to ``multiple``."""
     need = int(np.max(num_neighbors)) if np.size(num_neighbors) else 1

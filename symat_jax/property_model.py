@@ -32,7 +32,7 @@ from symat_jax import geometry, graphs
 from symat_jax.checkpoints import RunCheckpoints
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import load_split, registry
-from symat_jax.neighbors import periodic_neighbors, required_image_range
+from symat_jax.neighbors import nearest_with_ties, periodic_neighbors, required_image_range
 from symat_jax.networks import NUM_ELEMENTS, SphereNet, SphereNetConfig, swish
 from symat_jax.train import TrainState
 
@@ -50,7 +50,8 @@ class PropertyConfig:
     encoder: SphereNetConfig = SphereNetConfig(
         num_layers=3, hidden=64, out_channels=128, int_emb=32, out_emb=128, num_spherical=3, num_radial=6, cutoff=6.0
     )
-    max_neighbors: int = 12
+    max_neighbors: int = 12  # K nearest, plus every neighbour tied with the K-th
+    neighbor_capacity: int = 32  # slots per atom for K and its ties (overflow is reported)
     head_hidden: int = 128
     batch_size: int = 64
     epochs: int = 60
@@ -78,7 +79,8 @@ def get_property_config(dataset: str, preset: str = "default", **overrides: Any)
     if preset == "quick":
         small = SphereNetConfig(num_layers=1, hidden=16, out_channels=16, int_emb=8, out_emb=16, num_spherical=2,
                                 num_radial=3, num_output_layers=1, cutoff=5.0)
-        config = dataclasses.replace(config, encoder=small, max_neighbors=8, head_hidden=16, epochs=3, max_train=128)
+        config = dataclasses.replace(config, encoder=small, max_neighbors=8, neighbor_capacity=24, head_hidden=16,
+                                     epochs=3, max_train=128)
     return dataclasses.replace(config, **overrides)
 
 
@@ -102,25 +104,35 @@ class PropertyNet(nn.Module):
         return nn.Dense(1, name="head_out")(h)[:, 0]
 
 
-def radius_graph(batch: dict[str, Array], config: PropertyConfig, max_images: tuple[int, int, int]) -> graphs.EdgeGraph:
-    """Return the K-nearest periodic graph of a dense batch (``atomic_numbers``, ``frac_coords``, ``atom_mask``, ``lengths``, ``angles``)."""
+def property_graph(
+    batch: dict[str, Array], config: PropertyConfig, max_images: tuple[int, int, int]
+) -> tuple[graphs.EdgeGraph, Array]:
+    """Return the periodic graph of a dense batch and ``[b]`` overflow flags.
+
+    The batch holds ``atomic_numbers``, ``frac_coords``, ``atom_mask`` [b, n...],
+    ``lengths``, ``angles`` [b, 3]. Each atom receives its K nearest neighbours
+    within the cut-off plus all neighbours tied with the K-th, so the graph
+    (and the prediction) does not depend on atom order or origin.
+    """
     lattice = geometry.lattice_matrix(batch["lengths"], batch["angles"])
     pos = geometry.frac_to_cart(batch["frac_coords"], lattice)
     nl = jax.vmap(functools.partial(
-        periodic_neighbors, cutoff=config.encoder.cutoff, max_neighbors=config.max_neighbors,
+        periodic_neighbors, cutoff=config.encoder.cutoff, max_neighbors=config.neighbor_capacity,
         max_images=max_images, keep_nearest=True,
     ))(pos, lattice, batch["atom_mask"])
+    nl = nearest_with_ties(nl, config.max_neighbors)
     g, _ = graphs.score_edge_graph(nl, batch["atomic_numbers"], batch["atom_mask"])
-    return g
+    return g, nl.overflow
 
 
 @functools.lru_cache(maxsize=None)
 def _forward(config: PropertyConfig, max_images: tuple[int, int, int]):
-    """Return jitted ``(params, dense batch) -> [b]`` standardised predictions."""
+    """Return jitted ``(params, dense batch) -> ([b] standardised predictions, [b] graph overflow)``."""
     model = PropertyNet(config)
 
     def forward(params, batch):
-        return model.apply(params, radius_graph(batch, config, max_images), batch["atom_mask"].shape[0])
+        g, overflow = property_graph(batch, config, max_images)
+        return model.apply(params, g, batch["atom_mask"].shape[0]), overflow
 
     return jax.jit(forward)
 
@@ -132,11 +144,11 @@ def _training(config: PropertyConfig, max_images: tuple[int, int, int], total_st
     tx = optax.adam(optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1), alpha=0.05))
 
     def init(key, batch):
-        params = model.init(key, radius_graph(batch, config, max_images), batch["atom_mask"].shape[0])
+        params = model.init(key, property_graph(batch, config, max_images)[0], batch["atom_mask"].shape[0])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=key)
 
     def loss_fn(params, batch):
-        err = model.apply(params, radius_graph(batch, config, max_images), batch["atom_mask"].shape[0]) - batch["target"]
+        err = model.apply(params, property_graph(batch, config, max_images)[0], batch["atom_mask"].shape[0]) - batch["target"]
         w = batch["crystal_mask"].astype(err.dtype)
         return jnp.sum(w * err**2) / jnp.maximum(w.sum(), 1.0)
 
@@ -205,13 +217,19 @@ class PropertyPredictor:
             dense["lengths"], dense["angles"], self.config.encoder.cutoff)))
         forward = _forward(self.config, images)
         out = np.zeros(len(crystals))
+        overflow = np.zeros(len(crystals), bool)
         order = np.arange(len(crystals))
         bar = tqdm(total=len(crystals), desc="property model", disable=not progress, leave=False)
         for start, (batch, k) in zip(range(0, len(order), self.batch_size), _dense_batches(dense, order, self.batch_size)):
-            pred = np.asarray(forward(self.params, batch))[:k]
-            out[start : start + k] = pred * self.stats.std + self.stats.mean
+            pred, over = forward(self.params, batch)
+            out[start : start + k] = np.asarray(pred)[:k] * self.stats.std + self.stats.mean
+            overflow[start : start + k] = np.asarray(over)[:k]
             bar.update(k)
         bar.close()
+        if overflow.any():
+            log.warning("%d crystals have more neighbours tied with the K-th than the graph holds "
+                        "(neighbor_capacity=%d); their predictions use a truncated shell",
+                        int(overflow.sum()), self.config.neighbor_capacity)
         return out
 
 
