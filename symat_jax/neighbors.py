@@ -171,26 +171,28 @@ def nearest_with_ties(nl: NeighborList, k: int, tol: float = 1e-3) -> NeighborLi
     """Return the ``k`` nearest neighbours of each atom plus every neighbour tied with the ``k``-th (within ``tol`` A).
 
     ``nl`` must come from :func:`periodic_neighbors` with ``keep_nearest`` and
-    a capacity above ``k`` (nearest first). Cutting at exactly ``k`` would pick
-    among equidistant neighbours by float noise - symmetric crystals have whole
-    shells at one distance - so the graph would change under a translation or
-    a permutation of the atoms; a shell is kept or dropped whole instead.
-    ``overflow`` rises when a kept shell may continue past the capacity.
+    ``capacity + 1`` slots (nearest first); the result has ``capacity`` slots,
+    the last input slot serving only to detect a shell that does not fit.
+    Cutting at exactly ``k`` would pick among equidistant neighbours by float
+    noise - symmetric crystals have whole shells at one distance - so the
+    graph would change under a translation or a permutation of the atoms; a
+    shell is kept whole instead, and ``overflow`` rises when it does not fit.
     """
-    cap = nl.senders.shape[-1]
-    if k >= cap:
-        raise ValueError(f"capacity {cap} must exceed k={k} to hold the ties of the k-th neighbour")
+    cap = nl.senders.shape[-1] - 1
+    if k > cap:
+        raise ValueError(f"the list needs more than k={k} slots (capacity + 1 sentinel); it has {cap + 1}")
     d = jnp.where(nl.mask, nl.distances, jnp.inf)
-    kth = jnp.min(jnp.where(jnp.arange(cap) == k - 1, d, jnp.inf), axis=-1, keepdims=True)  # [..., n, 1]
+    kth = d[..., k - 1 : k]  # nearest first: slot k - 1 holds the k-th distance
     keep = nl.mask & (d <= kth + tol)
-    truncated = keep[..., -1] & (nl.num_neighbors > cap)
-    return nl._replace(
-        senders=jnp.where(keep, nl.senders, nl.senders.shape[-2]),
-        offsets=jnp.where(keep[..., None], nl.offsets, 0),
-        vectors=jnp.where(keep[..., None], nl.vectors, 0.0),
-        distances=jnp.where(keep, nl.distances, 0.0),
-        mask=keep,
-        overflow=nl.overflow | jnp.any(truncated, axis=-1),
+    n = nl.senders.shape[-2]
+    return NeighborList(
+        senders=jnp.where(keep, nl.senders, n)[..., :cap],
+        offsets=jnp.where(keep[..., None], nl.offsets, 0)[..., :cap, :],
+        vectors=jnp.where(keep[..., None], nl.vectors, 0.0)[..., :cap, :],
+        distances=jnp.where(keep, nl.distances, 0.0)[..., :cap],
+        mask=keep[..., :cap],
+        num_neighbors=nl.num_neighbors,
+        overflow=nl.overflow | jnp.any(keep[..., cap], axis=-1),
     )
 
 

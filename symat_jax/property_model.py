@@ -51,7 +51,7 @@ class PropertyConfig:
         num_layers=3, hidden=64, out_channels=128, int_emb=32, out_emb=128, num_spherical=3, num_radial=6, cutoff=6.0
     )
     max_neighbors: int = 12  # K nearest, plus every neighbour tied with the K-th
-    neighbor_capacity: int = 32  # slots per atom for K and its ties (overflow is reported)
+    neighbor_capacity: int = 16  # slots per atom for K and its ties (overflow is reported)
     head_hidden: int = 128
     batch_size: int = 64
     epochs: int = 60
@@ -79,7 +79,7 @@ def get_property_config(dataset: str, preset: str = "default", **overrides: Any)
     if preset == "quick":
         small = SphereNetConfig(num_layers=1, hidden=16, out_channels=16, int_emb=8, out_emb=16, num_spherical=2,
                                 num_radial=3, num_output_layers=1, cutoff=5.0)
-        config = dataclasses.replace(config, encoder=small, max_neighbors=8, neighbor_capacity=24, head_hidden=16,
+        config = dataclasses.replace(config, encoder=small, max_neighbors=8, neighbor_capacity=16, head_hidden=16,
                                      epochs=3, max_train=128)
     return dataclasses.replace(config, **overrides)
 
@@ -117,7 +117,7 @@ def property_graph(
     lattice = geometry.lattice_matrix(batch["lengths"], batch["angles"])
     pos = geometry.frac_to_cart(batch["frac_coords"], lattice)
     nl = jax.vmap(functools.partial(
-        periodic_neighbors, cutoff=config.encoder.cutoff, max_neighbors=config.neighbor_capacity,
+        periodic_neighbors, cutoff=config.encoder.cutoff, max_neighbors=config.neighbor_capacity + 1,
         max_images=max_images, keep_nearest=True,
     ))(pos, lattice, batch["atom_mask"])
     nl = nearest_with_ties(nl, config.max_neighbors)

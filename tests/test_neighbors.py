@@ -11,7 +11,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from symat_jax import geometry
-from symat_jax.neighbors import periodic_neighbors, required_image_range
+from symat_jax.neighbors import nearest_with_ties, periodic_neighbors, required_image_range
 
 CUTOFFS = {"carbon_24": 3.0, "perov_5": 4.0}
 MAX_ATOMS = {"carbon_24": 24, "perov_5": 5}
@@ -197,3 +197,39 @@ def test_padding_does_not_change_real_neighbors():
     for a, b in zip(*out):
         assert a.keys() == b.keys()
         np.testing.assert_allclose(list(a.values()), [b[k] for k in a], atol=1e-5)
+
+
+def test_nearest_with_ties_keeps_whole_shells(test_splits):
+    """K nearest plus every neighbour tied with the K-th: compared with pymatgen's sorted distances."""
+    # Cubic SrTiO3: Ti has 6 O at a/2, then 8 Sr at a*sqrt(3)/2; O has 2 Ti, then 4 Sr and 8 O at a/sqrt(2).
+    a = 3.905
+    s = Structure(Lattice.cubic(a), ["Sr", "Ti", "O", "O", "O"],
+                  [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    data = test_splits["perov_5"]
+    structures = [s] + [Structure(Lattice.from_parameters(*c.lengths, *c.angles), c.atomic_numbers, c.frac_coords)
+                        for c in list(data)[:20]]
+    pos, lat, mask = pad(structures, 5)
+    k, cap, cutoff = 7, 16, 6.0
+    full = batched_neighbors(pos, lat, mask, cutoff=cutoff, max_neighbors=cap + 1, max_images=(2, 2, 2),
+                             keep_nearest=True)
+    nl = jax.jit(nearest_with_ties, static_argnums=1)(full, k)
+    assert nl.senders.shape[-1] == cap
+    counts = np.asarray(nl.mask.sum(-1))
+    assert list(counts[0]) == [12, 14, 14, 14, 14]  # Sr: 12 O; Ti: 6 O + 8 Sr; O: 2 Ti + 12 at a/sqrt(2)
+    for b, st in enumerate(structures):
+        for i in range(len(st)):
+            d = np.sort([n.nn_distance for n in st.get_neighbors(st[i], cutoff)])
+            assert counts[b, i] == np.sum(d <= d[k - 1] + 1e-3), (b, i)
+    assert not np.asarray(nl.overflow).any()
+    # Translated and permuted atoms give the same distance multiset per atom.
+    perm = np.array([3, 1, 4, 0, 2])
+    moved = batched_neighbors(pos[:1, perm] + 0.37, lat[:1], mask[:1], cutoff=cutoff, max_neighbors=cap + 1,
+                              max_images=(2, 2, 2), keep_nearest=True)
+    moved = nearest_with_ties(moved, k)
+    for new, old in enumerate(perm):
+        np.testing.assert_allclose(np.sort(np.asarray(moved.distances[0, new])), np.sort(np.asarray(nl.distances[0, old])),
+                                   atol=1e-4)
+    # A shell that does not fit the capacity raises the flag instead of being cut.
+    small = batched_neighbors(pos[:1], lat[:1], mask[:1], cutoff=cutoff, max_neighbors=11, max_images=(2, 2, 2),
+                              keep_nearest=True)
+    assert bool(nearest_with_ties(small, k).overflow[0])
