@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import pathlib
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 PyTree = Any
+log = logging.getLogger(__name__)
 
 
 class RunCheckpoints:
@@ -61,3 +65,39 @@ class RunCheckpoints:
         """Release the managers."""
         self.latest.close()
         self.best.close()
+
+
+@dataclasses.dataclass
+class RunStart:
+    """Where a training loop starts: its open checkpoints, state, first epoch (0-based) and best validation score."""
+
+    ckpt: RunCheckpoints
+    state: PyTree
+    start_epoch: int
+    best: float
+    metrics_path: pathlib.Path
+
+
+def start_run(workdir: str | pathlib.Path, keep: int, state: PyTree, resume: bool, best_key: str) -> RunStart:
+    """Open the checkpoints of ``workdir``: a fresh run (refused where one exists) or the newest checkpoint when ``resume``.
+
+    ``state`` is the freshly initialised train state (the restore target);
+    ``best_key`` names the best-score entry of the checkpoint meta. Lines of
+    ``metrics.jsonl`` written after the restored epoch (before a kill) are dropped.
+    """
+    ckpt = RunCheckpoints(workdir, keep)
+    metrics_path = pathlib.Path(workdir) / "metrics.jsonl"
+    if ckpt.latest_epoch() is None:
+        if metrics_path.exists():
+            metrics_path.unlink()
+        return RunStart(ckpt, state, 0, float("inf"), metrics_path)
+    if not resume:
+        ckpt.close()
+        raise ValueError(f"{workdir} already holds a run; pass --resume to continue it, or choose another workdir")
+    state, meta = ckpt.restore(state)
+    epoch = int(meta["epoch"])
+    log.info("resumed %s from epoch %d", workdir, epoch + 1)
+    if metrics_path.exists():
+        lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epoch + 1]
+        metrics_path.write_text("".join(line + "\n" for line in lines))
+    return RunStart(ckpt, state, epoch + 1, float(meta[best_key]), metrics_path)

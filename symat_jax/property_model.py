@@ -29,7 +29,7 @@ import optax
 from tqdm.auto import tqdm
 
 from symat_jax import geometry, graphs
-from symat_jax.checkpoints import RunCheckpoints
+from symat_jax.checkpoints import RunCheckpoints, start_run
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import load_split, registry
 from symat_jax.neighbors import nearest_with_ties, periodic_neighbors, required_image_range
@@ -295,18 +295,8 @@ def train_property(
     first, _ = next(_dense_batches(dense, np.arange(len(train)), config.batch_size, {"target": target}))
     state = init(jax.random.PRNGKey(config.seed), first)
 
-    ckpt = RunCheckpoints(workdir, config.keep_checkpoints)
-    if not resume and ckpt.latest_epoch() is not None:
-        ckpt.close()
-        raise ValueError(f"{workdir} already holds a run; pass --resume to continue it, or choose another workdir")
-    start, best = 0, float("inf")
-    metrics_path = workdir / "metrics.jsonl"
-    if resume and ckpt.latest_epoch() is not None:
-        state, meta = ckpt.restore(state)
-        start, best = int(meta["epoch"]) + 1, float(meta["best_val_mae"])
-        log.info("resumed property model from epoch %d", meta["epoch"])
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    run = start_run(workdir, config.keep_checkpoints, state, resume, "best_val_mae")
+    ckpt, state, start, best, metrics_path = run.ckpt, run.state, run.start_epoch, run.best, run.metrics_path
 
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import optax
 from tqdm.auto import tqdm
 
 from symat_jax import geometry, graphs, losses, score
-from symat_jax.checkpoints import RunCheckpoints
+from symat_jax.checkpoints import start_run
 from symat_jax.configs import TrainConfig
 from symat_jax.data import CrystalDataset, load_split
 from symat_jax.input_pipeline import LatticeStandardizer, epoch_batches, max_elements
@@ -354,19 +354,8 @@ def train(
                       statics.element_slots, statics.lattice)
     )
     state = trainer.init_state(first, config.seed)
-    ckpt = RunCheckpoints(workdir, config.keep_checkpoints)
-    if not resume and ckpt.latest_epoch() is not None:
-        ckpt.close()
-        raise ValueError(f"{workdir} already holds a run; pass --resume to continue it, or choose another workdir")
-    start_epoch, best = 0, float("inf")
-    metrics_path = workdir / "metrics.jsonl"
-    if resume and ckpt.latest_epoch() is not None:
-        state, meta = ckpt.restore(state)
-        start_epoch, best = int(meta["epoch"]) + 1, float(meta["best_val_loss"])
-        log.info("resumed from epoch %d (step %d)", meta["epoch"], int(state.step))
-        _truncate_metrics(metrics_path, int(meta["epoch"]))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    run = start_run(workdir, config.keep_checkpoints, state, resume, "best_val_loss")
+    ckpt, state, start_epoch, best, metrics_path = run.ckpt, run.state, run.start_epoch, run.best, run.metrics_path
 
     last: dict[str, Any] = {}
     for epoch in range(start_epoch, config.epochs):
@@ -413,10 +402,3 @@ def train(
     ckpt.close()
     return last
 
-
-def _truncate_metrics(path: pathlib.Path, last_epoch: int) -> None:
-    """Drop log lines of epochs after ``last_epoch`` (0-based), written before a kill."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch + 1]
-    path.write_text("".join(line + "\n" for line in keep))
