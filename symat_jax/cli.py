@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     p = sub.add_parser("evaluate", help="CDVAE metrics of generated crystals (validity, COV-R/COV-P, EMDs)")
     _add_data_args(p)
-    p.add_argument("--samples", required=True, help="samples.npz in the CDVAE layout, or the folder holding it")
+    p.add_argument("--samples", required=True, help="samples.npz in the CDVAE layout, the folder holding it, or a CDVAE CSV")
     p.add_argument("--reference", default=None, help="CSV of reference crystals (default: the dataset's test split)")
     p.add_argument("--property-model", default=None, help="workdir of `symat train-property` (else property_emd is null)")
     p.add_argument("--out", default=None, help="write the report here as JSON")

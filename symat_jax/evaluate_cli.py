@@ -1,4 +1,4 @@
-"""``symat evaluate``: score a ``samples.npz`` (ours or another model's) against a dataset's test split."""
+"""``symat evaluate``: score a ``samples.npz`` (ours or another model's; or a CDVAE CSV) against a dataset's test split."""
 
 from __future__ import annotations
 
@@ -31,7 +31,12 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """Return (and write to ``out`` as JSON) the CDVAE report of ``samples`` against ``reference`` (default: the test split)."""
     t0 = time.perf_counter()
-    generated = CrystalSet.from_samples(samples, batch_idx)
+    if str(samples).endswith(".csv"):
+        # A CDVAE CSV as the generated side: the protocol's self-check (test split vs itself).
+        generated = CrystalSet.from_dataset(read_csv(samples, dataset, with_graph=False, num_workers=workers,
+                                                     progress=progress))
+    else:
+        generated = CrystalSet.from_samples(samples, batch_idx)
     ref_path = pathlib.Path(reference) if reference else registry.split_path(dataset, "test", data_root)
     ref_data = read_csv(ref_path, dataset, with_graph=False, num_workers=workers, progress=progress)
     scaler_path = pathlib.Path(comp_scaler) if comp_scaler else registry.resolve_data_root(data_root) / "comp_scaler.json"

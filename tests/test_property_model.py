@@ -114,6 +114,12 @@ def test_symat_evaluate_end_to_end(trained, tiny_perov, tmp_path, monkeypatch, c
     assert isinstance(report["property_emd"], float) and report["property_emd"] >= 0
     assert cli.main(args) == 0
     assert json.loads(out.read_text())["property_emd"] is None
+    # A CDVAE CSV is accepted as the generated side: the test split against itself.
+    csv_args = args.copy()
+    csv_args[2] = str(tiny_perov / "perov_5" / "test.csv")
+    assert cli.main(csv_args) == 0
+    self_check = json.loads(out.read_text())
+    assert self_check["cov_recall"] == 1.0 and self_check["cov_precision"] == 1.0 and self_check["num_samples"] == 48
     # A file that is not in the CDVAE layout is a clear error naming it.
     (tmp_path / "bad").mkdir()
     np.savez(tmp_path / "bad" / "samples.npz", num_atoms=gen.num_atoms)
