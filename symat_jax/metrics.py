@@ -264,29 +264,55 @@ def score_crystals(
     cache_dir: str | os.PathLike | None = None,
     cache: bool = True,
     desc: str = "fingerprints",
+    chunk_size: int = 2048,
 ) -> CrystalScores:
-    """Return the per-crystal scores of a set, computed in parallel (all cores) and cached by the set's content."""
+    """Return the per-crystal scores of a set, computed in parallel (all cores) and cached by content.
+
+    The set is scored in chunks of ``chunk_size`` crystals, each cached on its
+    own, so an interrupted evaluation resumes from the last finished chunk.
+    """
     folder = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = folder / f"scores-v{SCORE_CACHE_VERSION}-{crystals.digest()[:24]}.npz"
-    if cache and path.exists():
-        try:
-            scores = CrystalScores.load(path)
-            if len(scores) == len(crystals):
-                return scores
-        except (OSError, ValueError, KeyError) as err:
-            log.warning("ignoring unreadable fingerprint cache %s (%s)", path, err)
-    rows = hostpool.parallel_map(score_crystal, [crystals.crystal(i) for i in range(len(crystals))],
-                                 workers=workers, progress=progress, desc=desc, max_chunk=4)
-    scores = CrystalScores.stack(rows)
-    if cache:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            scores.save(tmp)
-            tmp.replace(path)
-        except OSError as err:
-            log.warning("could not cache fingerprints in %s (%s)", folder, err)
-    return scores
+    starts = list(range(0, len(crystals), chunk_size)) or [0]
+    parts = []
+    for k, start in enumerate(starts):
+        part = crystals.subset(np.arange(start, min(start + chunk_size, len(crystals))))
+        path = folder / f"scores-v{SCORE_CACHE_VERSION}-{part.digest()[:24]}.npz"
+        scores = _load_scores(path, len(part)) if cache else None
+        if scores is None:
+            label = desc if len(starts) == 1 else f"{desc} {k + 1}/{len(starts)}"
+            rows = hostpool.parallel_map(score_crystal, [part.crystal(i) for i in range(len(part))],
+                                         workers=workers, progress=progress, desc=label, max_chunk=4)
+            scores = CrystalScores.stack(rows)
+            if cache:
+                _save_scores(scores, path)
+        parts.append(scores)
+    if len(parts) == 1:
+        return parts[0]
+    return CrystalScores(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                            for f in dataclasses.fields(CrystalScores)})
+
+
+def _load_scores(path: pathlib.Path, expected: int) -> CrystalScores | None:
+    """Return cached scores of ``expected`` crystals, or None when absent or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        scores = CrystalScores.load(path)
+    except (OSError, ValueError, KeyError) as err:
+        log.warning("ignoring unreadable fingerprint cache %s (%s)", path, err)
+        return None
+    return scores if len(scores) == expected else None
+
+
+def _save_scores(scores: CrystalScores, path: pathlib.Path) -> None:
+    """Write scores atomically (a kill leaves no half-written cache file)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        scores.save(tmp)
+        tmp.replace(path)
+    except OSError as err:
+        log.warning("could not cache fingerprints in %s (%s)", path.parent, err)
 
 
 # ----------------------------------------------------------------------------

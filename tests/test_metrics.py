@@ -207,3 +207,17 @@ def test_samples_npz_in_cdvae_layout(tmp_path, test_splits):
         CrystalSet.from_samples(tmp_path / "short.npz")
     with pytest.raises(FileNotFoundError):
         CrystalSet.from_samples(tmp_path / "missing")
+
+
+def test_scores_are_cached_per_chunk(test_splits, tmp_path, monkeypatch):
+    crystals = CrystalSet.from_dataset(test_splits["perov_5"]).subset(np.arange(10))
+    whole = metrics.score_crystals(crystals, workers=1, progress=False, cache_dir=tmp_path, chunk_size=4)
+    assert len(list(tmp_path.glob("scores-*.npz"))) == 3  # chunks of 4, 4, 2
+    calls = []
+    real = metrics.hostpool.parallel_map
+    monkeypatch.setattr(metrics.hostpool, "parallel_map", lambda fn, items, **kw: calls.append(len(items)) or real(fn, items, **kw))
+    (sorted(tmp_path.glob("scores-*.npz"))[0]).unlink()  # as if killed before that chunk was written
+    again = metrics.score_crystals(crystals, workers=1, progress=False, cache_dir=tmp_path, chunk_size=4)
+    assert len(calls) == 1 and calls[0] in (2, 4)  # only the missing chunk is scored again
+    np.testing.assert_array_equal(again.struct_fp, whole.struct_fp)
+    np.testing.assert_array_equal(again.comp_valid, whole.comp_valid)
