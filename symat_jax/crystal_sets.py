@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 
 from symat_jax.data.dataset import CrystalDataset
+from symat_jax.graphs import pad_atoms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +74,7 @@ class CrystalSet:
         n = int(self.num_atoms.max(initial=1)) if max_atoms is None else max_atoms
         if len(self) and self.num_atoms.max() > n:
             raise ValueError(f"a crystal has {self.num_atoms.max()} atoms, more than max_atoms={n}")
-        c = len(self)
-        row = np.repeat(np.arange(c), self.num_atoms)
-        col = np.arange(len(self.atom_types)) - self.offsets[row]
-        z = np.zeros((c, n), np.int32)
-        frac = np.zeros((c, n, 3), np.float32)
-        mask = np.zeros((c, n), bool)
-        z[row, col], frac[row, col], mask[row, col] = self.atom_types, self.frac_coords, True
+        z, frac, mask = pad_atoms(self.num_atoms, self.atom_types, self.frac_coords, n)
         return {"atomic_numbers": z, "frac_coords": frac, "atom_mask": mask,
                 "lengths": self.lengths.astype(np.float32), "angles": self.angles.astype(np.float32)}
 

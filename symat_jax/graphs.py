@@ -224,6 +224,25 @@ def batches(
         yield encoder_batch(dataset, idx, choose_budget(n_node, n_edge, budgets)), idx
 
 
+def pad_atoms(
+    num_atoms: np.ndarray, atomic_numbers: np.ndarray, frac_coords: np.ndarray, max_atoms: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return crystals concatenated over atoms as ``(atomic_numbers [c, n] int32, frac_coords [c, n, 3] float32, atom_mask [c, n])``.
+
+    Padding atoms have atomic number 0 and zero coordinates; the caller
+    checks that no crystal holds more than ``max_atoms`` atoms.
+    """
+    num_atoms = np.asarray(num_atoms, np.int64)
+    c = len(num_atoms)
+    row = np.repeat(np.arange(c), num_atoms)
+    col = np.arange(len(row)) - np.repeat(np.cumsum(num_atoms) - num_atoms, num_atoms)
+    z = np.zeros((c, max_atoms), np.int32)
+    frac = np.zeros((c, max_atoms, 3), np.float32)
+    mask = np.zeros((c, max_atoms), bool)
+    z[row, col], frac[row, col], mask[row, col] = atomic_numbers, frac_coords, True
+    return z, frac, mask
+
+
 def dense_batch(dataset: CrystalDataset, indices: Sequence[int], max_atoms: int) -> dict[str, np.ndarray]:
     """Return crystals ``dataset[indices]`` padded to ``max_atoms`` as dense arrays.
 
@@ -232,7 +251,6 @@ def dense_batch(dataset: CrystalDataset, indices: Sequence[int], max_atoms: int)
     Raises ValueError naming the crystal when one holds more than ``max_atoms``.
     """
     indices = np.asarray(indices)
-    b = len(indices)
     too_big = dataset.num_atoms[indices] > max_atoms
     if np.any(too_big):
         first = indices[np.argmax(too_big)]
@@ -240,15 +258,8 @@ def dense_batch(dataset: CrystalDataset, indices: Sequence[int], max_atoms: int)
             f"crystal {dataset.material_id[first]} has {dataset.num_atoms[first]} atoms, "
             f"more than max_atoms={max_atoms}"
         )
-    z = np.zeros((b, max_atoms), np.int32)
-    frac = np.zeros((b, max_atoms, 3), np.float32)
-    mask = np.zeros((b, max_atoms), bool)
-    offsets = dataset.atom_offsets
-    for row, i in enumerate(indices):
-        n = dataset.num_atoms[i]
-        z[row, :n] = dataset.atomic_numbers[offsets[i] : offsets[i] + n]
-        frac[row, :n] = dataset.frac_coords[offsets[i] : offsets[i] + n]
-        mask[row, :n] = True
+    sub = dataset.subset(indices)
+    z, frac, mask = pad_atoms(sub.num_atoms, sub.atomic_numbers, sub.frac_coords, max_atoms)
     return {
         "atomic_numbers": z,
         "frac_coords": frac,

@@ -28,6 +28,7 @@ from scipy.stats import wasserstein_distance
 
 from symat_jax import hostpool
 from symat_jax.crystal_sets import CrystalSet
+from symat_jax.data.dataset import CACHE_DIR_ENV
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,14 @@ def min_periodic_distance(structure: Structure) -> float:
     return float(np.min(d + np.diag(np.full(len(d), np.inf))))
 
 
+def is_structure_valid(structure: Structure | None) -> bool:
+    """Return whether a crystal is constructed and its shortest periodic distance is >= 0.5 A (CDVAE)."""
+    return structure is not None and min_periodic_distance(structure) >= MIN_DISTANCE
+
+
 def structure_validity(structures: list[Structure | None]) -> np.ndarray:
-    """Return ``[c]`` bool: constructed and shortest periodic distance >= 0.5 A (CDVAE)."""
-    return np.array([s is not None and min_periodic_distance(s) >= MIN_DISTANCE for s in structures], bool)
+    """Return ``[c]`` bool: :func:`is_structure_valid` of each crystal."""
+    return np.array([is_structure_valid(s) for s in structures], bool)
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,7 +200,7 @@ def score_crystal(crystal: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
                 has_fp = False
     return CrystalScore(
         constructed=structure is not None,
-        struct_valid=bool(structure is not None and min_periodic_distance(structure) >= MIN_DISTANCE),
+        struct_valid=is_structure_valid(structure),
         comp_valid=bool(comp_valid),
         has_fingerprint=has_fp,
         struct_fp=struct_fp,
@@ -253,7 +259,7 @@ class CrystalScores:
 
 def default_cache_dir() -> pathlib.Path:
     """Return ``$SYMAT_CACHE_DIR`` or ``~/.cache/symat_jax``: where fingerprints of crystal sets are cached."""
-    env = os.environ.get("SYMAT_CACHE_DIR")
+    env = os.environ.get(CACHE_DIR_ENV)
     return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "symat_jax"
 
 
@@ -343,6 +349,44 @@ class CompScaler:
         return np.nan_to_num((np.asarray(x, float) - self.means) / self.stds, nan=0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class NearestDistances:
+    """Fingerprint distances to the nearest crystal on the other side: ``recall_*`` per reference, ``precision_*`` per generated crystal."""
+
+    recall_struct: np.ndarray
+    recall_comp: np.ndarray
+    precision_struct: np.ndarray
+    precision_comp: np.ndarray
+
+
+def nearest_distances(generated: CrystalScores, reference: CrystalScores, scaler: CompScaler) -> NearestDistances | None:
+    """Return the nearest-neighbour distances between crystals with fingerprints (None when a side has none).
+
+    Structure and composition minima are taken separately (CDVAE); every
+    generated crystal with fingerprints takes part, valid or not.
+    """
+    ref = reference.has_fingerprint
+    if not ref.all():
+        log.warning("%d reference crystals have no fingerprint; left out of coverage", int((~ref).sum()))
+    gen = generated.has_fingerprint
+    if not gen.any() or not ref.any():
+        return None
+    struct_d = cdist(generated.struct_fp[gen], reference.struct_fp[ref])
+    comp_d = cdist(scaler.transform(generated.comp_fp[gen]), scaler.transform(reference.comp_fp[ref]))
+    return NearestDistances(struct_d.min(axis=0), comp_d.min(axis=0), struct_d.min(axis=1), comp_d.min(axis=1))
+
+
+def coverage_from_distances(
+    d: NearestDistances | None, struct_cutoff: float, comp_cutoff: float, num_generated: int
+) -> dict[str, float]:
+    """Return ``{"cov_recall", "cov_precision"}`` under one pair of cut-offs; COV-P divides by ``num_generated``."""
+    if d is None:
+        return {"cov_recall": 0.0, "cov_precision": 0.0}
+    recall = (d.recall_struct <= struct_cutoff) & (d.recall_comp <= comp_cutoff)
+    precision = (d.precision_struct <= struct_cutoff) & (d.precision_comp <= comp_cutoff)
+    return {"cov_recall": float(recall.mean()), "cov_precision": float(precision.sum() / max(num_generated, 1))}
+
+
 def coverage(
     generated: CrystalScores,
     reference: CrystalScores,
@@ -353,23 +397,12 @@ def coverage(
 ) -> dict[str, float]:
     """Return ``{"cov_recall", "cov_precision"}`` of generated crystals against reference crystals (CDVAE).
 
-    Every generated crystal with fingerprints takes part, valid or not;
     COV-P divides by ``num_generated`` (default: all generated crystals), so
-    crystals without fingerprints count as misses. Recall and precision use
-    the minimum structure and composition distances separately.
+    crystals without fingerprints count as misses.
     """
     num_generated = len(generated) if num_generated is None else num_generated
-    ref = reference.has_fingerprint
-    if not ref.all():
-        log.warning("%d reference crystals have no fingerprint; left out of coverage", int((~ref).sum()))
-    gen = generated.has_fingerprint
-    if not gen.any() or not ref.any():
-        return {"cov_recall": 0.0, "cov_precision": 0.0}
-    struct_d = cdist(generated.struct_fp[gen], reference.struct_fp[ref])
-    comp_d = cdist(scaler.transform(generated.comp_fp[gen]), scaler.transform(reference.comp_fp[ref]))
-    recall = (struct_d.min(axis=0) <= struct_cutoff) & (comp_d.min(axis=0) <= comp_cutoff)
-    precision = (struct_d.min(axis=1) <= struct_cutoff) & (comp_d.min(axis=1) <= comp_cutoff)
-    return {"cov_recall": float(recall.mean()), "cov_precision": float(precision.sum() / max(num_generated, 1))}
+    return coverage_from_distances(nearest_distances(generated, reference, scaler), struct_cutoff, comp_cutoff,
+                                   num_generated)
 
 
 def property_sample(valid: np.ndarray, n: int = PROPERTY_SAMPLES, seed: int = 0) -> np.ndarray:
@@ -439,11 +472,12 @@ def evaluate(
         "num_valid": int(gen.valid.sum()),
         "num_with_fingerprint": int(gen.has_fingerprint.sum()),
     }
+    distances = nearest_distances(gen, ref, scaler)
     for name, cut in COV_CUTOFFS.items():
         if dataset not in cut:
             continue
         s_cut, c_cut = cut[dataset]
-        cov = coverage(gen, ref, scaler, s_cut, c_cut, num_generated=total)
+        cov = coverage_from_distances(distances, s_cut, c_cut, num_generated=total)
         suffix = "" if name == "cdvae" else f"_{name}"
         report[f"cov_recall{suffix}"] = cov["cov_recall"]
         report[f"cov_precision{suffix}"] = cov["cov_precision"]

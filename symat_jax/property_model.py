@@ -162,7 +162,7 @@ def _training(config: PropertyConfig, max_images: tuple[int, int, int], total_st
 
 
 def _dense_batches(dense: dict[str, np.ndarray], order: np.ndarray, batch_size: int, extra: dict[str, np.ndarray] | None = None):
-    """Yield fixed-size batches of a dense crystal set in ``order``; the last is padded with masked crystals."""
+    """Yield ``(batch, crystal indices)`` of fixed size over a dense crystal set in ``order``; the last is padded with masked crystals."""
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         pad = batch_size - len(idx)
@@ -172,7 +172,7 @@ def _dense_batches(dense: dict[str, np.ndarray], order: np.ndarray, batch_size: 
         batch["crystal_mask"] = np.arange(batch_size) < len(idx)
         for k, v in (extra or {}).items():
             batch[k] = v[full].astype(np.float32)
-        yield batch, len(idx)
+        yield batch, idx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,13 +218,12 @@ class PropertyPredictor:
         forward = _forward(self.config, images)
         out = np.zeros(len(crystals))
         overflow = np.zeros(len(crystals), bool)
-        order = np.arange(len(crystals))
         bar = tqdm(total=len(crystals), desc="property model", disable=not progress, leave=False)
-        for start, (batch, k) in zip(range(0, len(order), self.batch_size), _dense_batches(dense, order, self.batch_size)):
+        for batch, idx in _dense_batches(dense, np.arange(len(crystals)), self.batch_size):
             pred, over = forward(self.params, batch)
-            out[start : start + k] = np.asarray(pred)[:k] * self.stats.std + self.stats.mean
-            overflow[start : start + k] = np.asarray(over)[:k]
-            bar.update(k)
+            out[idx] = np.asarray(pred)[: len(idx)] * self.stats.std + self.stats.mean
+            overflow[idx] = np.asarray(over)[: len(idx)]
+            bar.update(len(idx))
         bar.close()
         if overflow.any():
             log.warning("%d crystals have more neighbours tied with the K-th than the graph holds "
