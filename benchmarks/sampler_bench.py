@@ -17,8 +17,8 @@ import time
 import jax
 import numpy as np
 
-from symat_jax import sampling
-from symat_jax.generate_cli import load_run
+from symat_jax import configs, sampling
+from symat_jax.run import load_run
 
 PAPER_STEPS = 50 * 100
 
@@ -26,11 +26,8 @@ PAPER_STEPS = 50 * 100
 def measure(params, config, statics, cfg, num: int, bucket_multiple: int, seed: int) -> dict:
     """Return timings of one sampling call of ``num`` crystals in one chunk."""
     t0 = time.perf_counter()
-    res = sampling.sample(
-        params, jax.random.PRNGKey(seed), num, np.asarray(statics.score_norm), np.asarray(statics.lattice.mean),
-        np.asarray(statics.lattice.std), config.model, cfg, batch_size=num, bucket_multiple=bucket_multiple,
-        progress=False,
-    )
+    res = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
+                          batch_size=num, bucket_multiple=bucket_multiple, progress=False)
     total = time.perf_counter() - t0
     steps = len(sampling.level_schedule(config.model, cfg)[0]) * cfg.steps_per_level
     n = len(res.atom_types)
@@ -56,7 +53,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
     args = parser.parse_args()
     config, statics, params, _ = load_run(args.workdir)
-    cfg = sampling.SamplerConfig.paper(config.dataset, num_levels=args.levels, steps_per_level=args.steps)
+    cfg = configs.get_sampler_config(config.dataset, "paper", num_levels=args.levels, steps_per_level=args.steps)
     print(f"device: {jax.devices()[0].device_kind}; levels x steps = {args.levels} x {args.steps}")
     for b in args.batch_sizes:
         bucketed = measure(params, config, statics, cfg, b, 4, seed=b)

@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from symat_jax import configs, train
         from symat_jax.evaluate_cli import run_evaluate
         from symat_jax.generate_cli import run_sample
-        from symat_jax.property_model import get_property_config, train_property
+        from symat_jax.property_model import train_property
 
         # A run given with --model-workdir / --property-workdir is used as it is.
         if args.model_workdir is None and not (samples_dir / "samples.npz").exists():
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             train.train(config, model_dir, args.data_root, resume=(model_dir / "config.json").exists())
         if args.property_workdir is None and not (prop_dir / "test_metrics.json").exists():
             overrides = {"epochs": args.property_epochs} if args.property_epochs else {}
-            pconfig = get_property_config(args.dataset, "quick" if args.preset == "quick" else "default", **overrides)
+            pconfig = configs.get_property_config(args.dataset, "quick" if args.preset == "quick" else "default", **overrides)
             log.info("stage 2: property model in %s", prop_dir)
             train_property(pconfig, prop_dir, args.data_root, resume=(prop_dir / "property_config.json").exists())
         if not (samples_dir / "samples.npz").exists():

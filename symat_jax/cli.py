@@ -135,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  args.step_size, args.seed, args.decode, args.decode_temperature, args.checkpoint)
             print(json.dumps(summary, indent=1))
         elif args.command == "train-property":
-            from symat_jax.property_model import get_property_config, train_property
+            from symat_jax.configs import get_property_config
+            from symat_jax.property_model import train_property
 
             overrides = {"epochs": args.epochs} if args.epochs is not None else {}
             config = get_property_config(args.dataset, args.preset, **overrides)

@@ -1,4 +1,11 @@
-"""Sets of crystals in CDVAE's flat layout: generated ``samples.npz`` files and dataset splits, for evaluation."""
+"""Sets of crystals in CDVAE's flat layout: generated ``samples.npz`` files and dataset splits, for evaluation.
+
+A :class:`CrystalSet` is the evaluation's container: atoms and cells only,
+plus the count of crystals a sampler rejected. The training container,
+:class:`~symat_jax.data.dataset.CrystalDataset`, also carries ids, properties
+and encoder edges; both store atoms with the same ragged helpers
+(:mod:`symat_jax.data.ragged`), and :meth:`CrystalSet.from_dataset` converts.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +17,9 @@ import pathlib
 
 import numpy as np
 
+from symat_jax.data import ragged
 from symat_jax.data.dataset import CrystalDataset
-from symat_jax.graphs import pad_atoms
+from symat_jax.input_pipeline import pad_atoms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +53,7 @@ class CrystalSet:
     @property
     def offsets(self) -> np.ndarray:
         """Return ``[c + 1]`` start of each crystal's atoms."""
-        return np.concatenate([[0], np.cumsum(self.num_atoms)]).astype(np.int64)
+        return ragged.starts(self.num_atoms)
 
     def crystal(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Return ``(atom_types, lengths, angles, frac_coords)`` of crystal ``i``."""
@@ -55,8 +63,7 @@ class CrystalSet:
     def subset(self, indices: np.ndarray) -> "CrystalSet":
         """Return crystals ``indices`` (in that order; no rejects)."""
         indices = np.asarray(indices, np.int64)
-        off = self.offsets
-        atoms = np.concatenate([np.arange(off[i], off[i + 1]) for i in indices]) if len(indices) else np.zeros(0, int)
+        atoms = ragged.take_rows(self.num_atoms, indices)
         return CrystalSet(self.num_atoms[indices], self.atom_types[atoms], self.frac_coords[atoms],
                           self.lengths[indices], self.angles[indices])
 

@@ -1,4 +1,4 @@
-"""``symat sample``: load a trained run and write generated crystals (samples.npz, CIF files, rejects)."""
+"""``symat sample``: sample from a trained run and write the crystals (samples.npz, CIF files, rejects, summary)."""
 
 from __future__ import annotations
 
@@ -9,29 +9,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
-from symat_jax import sampling
-from symat_jax.checkpoints import RunCheckpoints
-from symat_jax.configs import TrainConfig
-from symat_jax.train import RunStatics
-
-
-def load_run(workdir: str | pathlib.Path, best: bool = True) -> tuple[TrainConfig, RunStatics, Any, dict[str, Any]]:
-    """Return ``(config, statics, params, checkpoint meta)`` of a trained run."""
-    workdir = pathlib.Path(workdir)
-    config = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
-    statics = RunStatics.from_json((workdir / "normalizers.json").read_text())
-    ckpt = RunCheckpoints(workdir)
-    state, meta = ckpt.restore_raw(best=best)
-    ckpt.close()
-    return config, statics, state["params"], meta
-
-
-def to_structure(atom_types: np.ndarray, lengths: np.ndarray, angles: np.ndarray, frac: np.ndarray) -> Structure:
-    """Return a pymatgen Structure of one generated crystal."""
-    return Structure(Lattice.from_parameters(*lengths, *angles), atom_types.tolist(), frac, coords_are_cartesian=False)
+from symat_jax import configs, sampling
+from symat_jax.data.canonical import to_structure
+from symat_jax.run import load_run
 
 
 def write_samples(result: sampling.SampleResult, out: str | pathlib.Path, cif: bool = True) -> pathlib.Path:
@@ -61,16 +43,14 @@ def run_sample(
     checkpoint: str = "best",
 ) -> dict[str, Any]:
     """Sample ``num`` crystals from the run in ``workdir`` into ``out``; return a summary."""
-    config, statics, params, meta = load_run(workdir, best=checkpoint == "best")
+    config, statics, params, meta = load_run(workdir, checkpoint)
     overrides = {k: v for k, v in (("num_levels", levels), ("steps_per_level", steps), ("step_size", step_size))
                  if v is not None}
-    cfg = sampling.SamplerConfig.paper(config.dataset, decode=decode, decode_temperature=decode_temperature,
-                                       **overrides)
+    cfg = configs.get_sampler_config(config.dataset, "paper", decode=decode, decode_temperature=decode_temperature,
+                                     **overrides)
     t0 = time.perf_counter()
-    result = sampling.sample(
-        params, jax.random.PRNGKey(seed), num, np.asarray(statics.score_norm), np.asarray(statics.lattice.mean),
-        np.asarray(statics.lattice.std), config.model, cfg, batch_size=batch_size,
-    )
+    result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
+                             batch_size=batch_size)
     write_samples(result, out)
     counts = np.bincount([len(t) for t in result.atom_types], minlength=config.model.max_atoms + 1)
     summary = {

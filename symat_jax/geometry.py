@@ -7,8 +7,11 @@ vectors as rows, so ``cart = frac @ lattice``. Angles are in degrees.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -69,9 +72,38 @@ def reciprocal_norms(lattice: Array) -> Array:
     return jnp.linalg.norm(jnp.linalg.inv(lattice), axis=-2)
 
 
-def cell_volume(lattice: Array) -> Array:
-    """Return the unsigned cell volume ``[...]`` of lattice matrices ``[..., 3, 3]``."""
-    return jnp.abs(jnp.linalg.det(lattice))
+# Smallest cell volume per atom (A^3) that still counts as a real lattice; real
+# crystals sit above ~5 A^3/atom, so this only catches collapsed cells. With one
+# atom it is CDVAE's construction threshold (0.1 A^3).
+MIN_VOLUME_PER_ATOM = 0.1
+
+
+def volume_factor(angles_deg: np.ndarray) -> float:
+    """Return ``(V / (a b c))^2`` for cell angles in degrees (<= 0 for an impossible cell; host-side)."""
+    ca, cb, cg = np.cos(np.deg2rad(np.asarray(angles_deg, dtype=np.float64)))
+    return float(1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg)
+
+
+def cell_defect(lengths: np.ndarray, angles: np.ndarray, num_atoms: int = 1) -> str | None:
+    """Return why ``(lengths, angles in degrees)`` is no usable cell for ``num_atoms`` atoms, or None (host-side).
+
+    The one cell-validity rule of the project: the CSV reader, the canonical
+    form, the sampler's rejects and the evaluation's construction check all
+    call it. The volume floor is ``MIN_VOLUME_PER_ATOM * num_atoms``.
+    """
+    lengths = np.asarray(lengths, dtype=np.float64)
+    angles = np.asarray(angles, dtype=np.float64)
+    if not (np.all(np.isfinite(lengths)) and np.all(np.isfinite(angles))):
+        return "NaN or infinite lattice parameter"
+    if np.any(lengths <= 0):
+        return "non-positive lattice length"
+    factor = volume_factor(angles)
+    if np.any(angles <= 0) or np.any(angles >= 180) or factor <= 0:
+        return f"degenerate lattice angles ({angles[0]:.4g}, {angles[1]:.4g}, {angles[2]:.4g}): no such cell"
+    volume = float(np.prod(lengths)) * math.sqrt(factor)
+    if volume < MIN_VOLUME_PER_ATOM * num_atoms:
+        return f"degenerate lattice (volume {volume:.3g} A^3 for {num_atoms} atoms)"
+    return None
 
 
 def _masked_midpoint(frac_coords: Array, atom_mask: Array) -> Array:

@@ -1,49 +1,218 @@
-"""Training batches on the host: padded encoder graphs, dense crystals, invariant targets, the lattice standardiser."""
+"""Training batches on the host: padded encoder graphs in a few fixed budgets, dense crystals, invariant targets.
+
+Host-side (numpy, pymatgen): a batch leaves here as numpy arrays and a padded
+``jraph.GraphsTuple``; :mod:`symat_jax.graphs` turns it into the networks'
+edge graph inside jit. The flow of one training batch: ``CrystalDataset``
+(:mod:`symat_jax.data`) -> :func:`epoch_batches` (budgets, encoder graph,
+dense crystals, targets) -> ``train_step`` (:mod:`symat_jax.train`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any, Iterator
+import math
+from typing import Any, Iterator, Sequence
 
+import jraph
 import numpy as np
+from pymatgen.core import Lattice
 
-from symat_jax import graphs
-from symat_jax.data import CrystalDataset
+from symat_jax.data.dataset import CrystalDataset
+from symat_jax.run import LatticeStandardizer
 
 Batch = dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class LatticeStandardizer:
-    """Mean and std of ``(scaled lengths, angles)`` fit on a training set (saved with the model)."""
+@dataclasses.dataclass(frozen=True, order=True)
+class PadBudget:
+    """Padded sizes of one batch shape: totals of nodes, edges and graphs (each includes the padding graph).
 
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    ``max_degree`` is the width of the incoming-edge table (the dataset's
+    largest in-degree).
+    """
 
-    @classmethod
-    def fit(cls, data: CrystalDataset) -> "LatticeStandardizer":
-        """Return the standardiser of ``data``'s lattices."""
-        x = lattice_features(data)
-        return cls(tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in np.maximum(x.std(0), 1e-6)))
+    n_node: int
+    n_edge: int
+    n_graph: int
+    max_degree: int = 1
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """Return standardised ``[c, 6]`` features."""
-        return (x - np.asarray(self.mean)) / np.asarray(self.std)
 
-    def inverse(self, x: np.ndarray) -> np.ndarray:
-        """Return ``[..., 6]`` (scaled lengths, angles) from standardised values."""
-        return np.asarray(x) * np.asarray(self.std) + np.asarray(self.mean)
+def _round_up(x: int, multiple: int) -> int:
+    """Return ``x`` rounded up to a multiple of ``multiple``."""
+    return int(math.ceil(x / multiple) * multiple)
 
-    def to_json(self) -> str:
-        """Return the standardiser as JSON."""
-        return json.dumps(dataclasses.asdict(self))
 
-    @classmethod
-    def from_json(cls, text: str) -> "LatticeStandardizer":
-        """Return the standardiser stored by :meth:`to_json`."""
-        d = json.loads(text)
-        return cls(tuple(d["mean"]), tuple(d["std"]))
+def pad_budgets(
+    dataset: CrystalDataset,
+    batch_size: int,
+    num_buckets: int = 3,
+    multiple: int = 64,
+    seed: int = 0,
+    trials: int = 256,
+) -> list[PadBudget]:
+    """Return up to ``num_buckets`` budgets, ascending; the largest holds any batch of ``batch_size``.
+
+    The smaller budgets sit at quantiles of the node and edge totals of random
+    batches, so most batches take a budget near their real size; the largest
+    is the worst case (the ``batch_size`` largest crystals), so no batch is
+    ever cut.
+    """
+    num_atoms = dataset.num_atoms
+    num_edges = dataset.num_edges
+    max_degree = dataset.max_in_degree()
+    b = min(batch_size, len(num_atoms))
+    worst = PadBudget(
+        _round_up(int(np.sort(num_atoms)[-b:].sum()) + 1, multiple),
+        _round_up(int(np.sort(num_edges)[-b:].sum()) + 1, multiple),
+        batch_size + 1,
+        max_degree,
+    )
+    if num_buckets <= 1 or b == len(num_atoms):
+        return [worst]
+    rng = np.random.default_rng(seed)
+    draws = np.stack([rng.choice(len(num_atoms), size=b, replace=False) for _ in range(trials)])
+    nodes = num_atoms[draws].sum(axis=1)
+    edges = num_edges[draws].sum(axis=1)
+    budgets = {worst}
+    for q in np.linspace(0.5, 0.99, num_buckets - 1):
+        budgets.add(
+            PadBudget(
+                min(_round_up(int(np.quantile(nodes, q)) + 1, multiple), worst.n_node),
+                min(_round_up(int(np.quantile(edges, q)) + 1, multiple), worst.n_edge),
+                batch_size + 1,
+                max_degree,
+            )
+        )
+    return sorted(budgets)
+
+
+def choose_budget(n_node: int, n_edge: int, budgets: Sequence[PadBudget]) -> PadBudget:
+    """Return the smallest budget holding ``n_node`` nodes and ``n_edge`` edges plus the padding graph."""
+    for budget in sorted(budgets):
+        if budget.n_node >= n_node + 1 and budget.n_edge >= n_edge:
+            return budget
+    raise ValueError(f"no budget holds {n_node} nodes and {n_edge} edges; largest is {max(budgets)}")
+
+
+def encoder_batch(dataset: CrystalDataset, indices: Sequence[int], budget: PadBudget) -> jraph.GraphsTuple:
+    """Return the CrystalNN graphs of ``dataset[indices]`` as one GraphsTuple padded to ``budget``.
+
+    nodes: ``atomic_numbers`` [n_node] int32, ``frac_coords`` [n_node, 3];
+    edges: ``offsets`` [n_edge, 3] float32 (edge vector ``x_r - x_s - offset @ L``);
+    globals: ``lengths``, ``angles`` [n_graph, 3], ``lattice`` [n_graph, 3, 3].
+    Padding nodes and edges belong to the last graph; use
+    ``jraph.get_graph_padding_mask`` and friends to mask them.
+    """
+    if not dataset.has_graph:
+        raise ValueError("dataset was read without the encoder graph (read_csv(..., with_graph=True))")
+    sub = dataset.subset(indices)
+    starts = sub.atom_offsets[:-1]
+    edge_owner = np.repeat(np.arange(len(sub)), sub.num_edges)
+    senders = sub.edge_index[:, 0] + starts[edge_owner]
+    receivers = sub.edge_index[:, 1] + starts[edge_owner]
+    lattices = np.stack([Lattice.from_parameters(*l, *a).matrix for l, a in zip(sub.lengths, sub.angles)])
+    graph = jraph.GraphsTuple(
+        nodes={
+            "atomic_numbers": sub.atomic_numbers.astype(np.int32),
+            "frac_coords": sub.frac_coords.astype(np.float32),
+        },
+        edges={"offsets": sub.edge_offsets.astype(np.float32)},
+        senders=senders.astype(np.int32),
+        receivers=receivers.astype(np.int32),
+        globals={
+            "lengths": sub.lengths.astype(np.float32),
+            "angles": sub.angles.astype(np.float32),
+            "lattice": lattices.astype(np.float32),
+        },
+        n_node=sub.num_atoms.astype(np.int32),
+        n_edge=sub.num_edges.astype(np.int32),
+    )
+    padded = jraph.pad_with_graphs(graph, budget.n_node, budget.n_edge, budget.n_graph)
+    in_edges, in_mask = incoming_edge_table(receivers, budget.n_node, budget.max_degree)
+    return padded._replace(nodes={**padded.nodes, "in_edges": in_edges, "in_mask": in_mask})
+
+
+def incoming_edge_table(receivers: np.ndarray, num_nodes: int, max_degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(in_edges [num_nodes, max_degree] int32, in_mask)``: each node's incoming edge ids (host-side).
+
+    Raises ValueError when a node has more than ``max_degree`` incoming edges.
+    """
+    receivers = np.asarray(receivers)
+    order = np.argsort(receivers, kind="stable")
+    counts = np.bincount(receivers, minlength=num_nodes)
+    if counts.size and counts.max() > max_degree:
+        raise ValueError(f"a node has {counts.max()} incoming edges, more than max_degree={max_degree}")
+    slot = np.arange(len(receivers)) - np.repeat(np.cumsum(counts) - counts, counts)
+    table = np.zeros((num_nodes, max_degree), np.int32)
+    mask = np.zeros((num_nodes, max_degree), bool)
+    table[receivers[order], slot] = order
+    mask[receivers[order], slot] = True
+    return table, mask
+
+
+def batches(
+    dataset: CrystalDataset,
+    batch_size: int,
+    budgets: Sequence[PadBudget],
+    *,
+    order: np.ndarray | None = None,
+) -> Iterator[tuple[jraph.GraphsTuple, np.ndarray]]:
+    """Yield ``(padded encoder graph, crystal indices)`` over ``dataset`` in ``order`` (default: as stored).
+
+    The last batch may hold fewer crystals; it is padded to a budget like the rest.
+    """
+    order = np.arange(len(dataset)) if order is None else np.asarray(order)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        n_node = int(dataset.num_atoms[idx].sum())
+        n_edge = int(dataset.num_edges[idx].sum())
+        yield encoder_batch(dataset, idx, choose_budget(n_node, n_edge, budgets)), idx
+
+
+def pad_atoms(
+    num_atoms: np.ndarray, atomic_numbers: np.ndarray, frac_coords: np.ndarray, max_atoms: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return crystals concatenated over atoms as ``(atomic_numbers [c, n] int32, frac_coords [c, n, 3] float32, atom_mask [c, n])``.
+
+    Padding atoms have atomic number 0 and zero coordinates; the caller
+    checks that no crystal holds more than ``max_atoms`` atoms.
+    """
+    num_atoms = np.asarray(num_atoms, np.int64)
+    c = len(num_atoms)
+    row = np.repeat(np.arange(c), num_atoms)
+    col = np.arange(len(row)) - np.repeat(np.cumsum(num_atoms) - num_atoms, num_atoms)
+    z = np.zeros((c, max_atoms), np.int32)
+    frac = np.zeros((c, max_atoms, 3), np.float32)
+    mask = np.zeros((c, max_atoms), bool)
+    z[row, col], frac[row, col], mask[row, col] = atomic_numbers, frac_coords, True
+    return z, frac, mask
+
+
+def dense_batch(dataset: CrystalDataset, indices: Sequence[int], max_atoms: int) -> dict[str, np.ndarray]:
+    """Return crystals ``dataset[indices]`` padded to ``max_atoms`` as dense arrays.
+
+    ``atomic_numbers`` [b, n] (0 for padding), ``frac_coords`` [b, n, 3],
+    ``atom_mask`` [b, n] bool, ``lengths``/``angles`` [b, 3], ``num_atoms`` [b].
+    Raises ValueError naming the crystal when one holds more than ``max_atoms``.
+    """
+    indices = np.asarray(indices)
+    too_big = dataset.num_atoms[indices] > max_atoms
+    if np.any(too_big):
+        first = indices[np.argmax(too_big)]
+        raise ValueError(
+            f"crystal {dataset.material_id[first]} has {dataset.num_atoms[first]} atoms, "
+            f"more than max_atoms={max_atoms}"
+        )
+    sub = dataset.subset(indices)
+    z, frac, mask = pad_atoms(sub.num_atoms, sub.atomic_numbers, sub.frac_coords, max_atoms)
+    return {
+        "atomic_numbers": z,
+        "frac_coords": frac,
+        "atom_mask": mask,
+        "lengths": dataset.lengths[indices].astype(np.float32),
+        "angles": dataset.angles[indices].astype(np.float32),
+        "num_atoms": dataset.num_atoms[indices].astype(np.int32),
+    }
 
 
 def lattice_features(data: CrystalDataset) -> np.ndarray:
@@ -67,7 +236,7 @@ def make_batch(
 ) -> Batch:
     """Return one training batch of ``data[indices]`` padded to ``batch_size`` crystals.
 
-    ``enc``: their padded encoder GraphsTuple (from :func:`graphs.encoder_batch`); ``atomic_numbers [b, n]``, ``frac_coords
+    ``enc``: their padded encoder GraphsTuple (from :func:`encoder_batch`); ``atomic_numbers [b, n]``, ``frac_coords
     [b, n, 3]``, ``atom_mask``, ``lengths``/``angles [b, 3]``; ``crystal_mask
     [b]``; targets ``num_types [b]``, ``elements``/``element_mask``/``counts
     [b, m]``, ``element_multi_hot [b, 100]``, ``lattice_std [b + 1, 6]`` (a
@@ -77,7 +246,7 @@ def make_batch(
     real = len(indices)
     if real > batch_size:
         raise ValueError(f"{real} crystals do not fit a batch of {batch_size}")
-    dense = graphs.dense_batch(data, indices, max_atoms)
+    dense = dense_batch(data, indices, max_atoms)
     pad = batch_size - real
 
     def padded(x: np.ndarray) -> np.ndarray:
@@ -116,12 +285,12 @@ def make_batch(
 def epoch_batches(
     data: CrystalDataset,
     order: np.ndarray,
-    budgets: list[graphs.PadBudget],
+    budgets: list[PadBudget],
     batch_size: int,
     max_atoms: int,
     num_element_slots: int,
     standardizer: LatticeStandardizer,
 ) -> Iterator[Batch]:
     """Yield the batches of one pass over ``data`` in ``order``."""
-    for enc, idx in graphs.batches(data, batch_size, budgets, order=order):
+    for enc, idx in batches(data, batch_size, budgets, order=order):
         yield make_batch(data, idx, enc, batch_size, max_atoms, num_element_slots, standardizer)

@@ -22,17 +22,18 @@ import warnings
 from typing import Callable, Sequence
 
 import numpy as np
-from pymatgen.core import Composition, Element, Lattice, Structure
+from pymatgen.core import Composition, Element, Structure
 from scipy.spatial.distance import cdist
 from scipy.stats import wasserstein_distance
 
 from symat_jax import hostpool
 from symat_jax.crystal_sets import CrystalSet
-from symat_jax.data.dataset import CACHE_DIR_ENV
+from symat_jax.data import registry
+from symat_jax.data.canonical import to_structure
+from symat_jax.geometry import cell_defect
 
 log = logging.getLogger(__name__)
 
-MIN_VOLUME = 0.1  # A^3: smaller cells count as "not constructed" (CDVAE)
 MIN_DISTANCE = 0.5  # A: shortest allowed interatomic distance
 STRUCT_FP_SIZE = 61  # CrystalNNFingerprint "ops" features per site
 COMP_FP_SIZE = 132  # Magpie ElementProperty features
@@ -55,17 +56,14 @@ COV_CUTOFFS: dict[str, dict[str, tuple[float, float]]] = {
 
 def build_crystal(atom_types: np.ndarray, lengths: np.ndarray, angles: np.ndarray, frac: np.ndarray) -> Structure | None:
     """Return the pymatgen Structure of a generated crystal, or None when CDVAE would not construct it."""
-    if np.any(np.asarray(lengths) < 0) or not np.all(np.isfinite(lengths)) or not np.all(np.isfinite(angles)):
-        return None
-    if not np.all(np.isfinite(frac)):
+    # CDVAE: a negative length, a failed construction or a volume under 0.1 A^3 is "not constructed".
+    if cell_defect(lengths, angles) is not None or not np.all(np.isfinite(frac)):
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            s = Structure(Lattice.from_parameters(*lengths, *angles), list(atom_types), frac, coords_are_cartesian=False)
+            s = to_structure(atom_types, lengths, angles, frac)
     except Exception:  # pymatgen raises several types on impossible cells and unknown elements
-        return None
-    if not np.isfinite(s.volume) or s.volume < MIN_VOLUME:
         return None
     return s
 
@@ -257,12 +255,6 @@ class CrystalScores:
         return cls(**{f.name: np.stack([getattr(r, f.name) for r in rows]) for f in dataclasses.fields(cls)})
 
 
-def default_cache_dir() -> pathlib.Path:
-    """Return ``$SYMAT_CACHE_DIR`` or ``~/.cache/symat_jax``: where fingerprints of crystal sets are cached."""
-    env = os.environ.get(CACHE_DIR_ENV)
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "symat_jax"
-
-
 def score_crystals(
     crystals: CrystalSet,
     workers: int | None = None,
@@ -277,7 +269,7 @@ def score_crystals(
     The set is scored in chunks of ``chunk_size`` crystals, each cached on its
     own, so an interrupted evaluation resumes from the last finished chunk.
     """
-    folder = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = registry.cache_folder(cache_dir)
     starts = list(range(0, len(crystals), chunk_size)) or [0]
     parts = []
     for k, start in enumerate(starts):

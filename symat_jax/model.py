@@ -1,13 +1,20 @@
 """The SyMat model (SPEC 2 and 3): SphereNet VAE for composition and lattice, distance-score model for coordinates.
 
 A pure linen module with one method per use (``encode``, ``decode_*``,
-``edge_scores``); :func:`per_atom_scores` turns edge scalars into the
-rotation-equivariant per-atom score on a dense batch.
+``edge_scores``), and the two functions that training and sampling share:
+
+* :func:`coordinate_scores`: the per-atom score of crystals at some positions
+  (score graph -> edge scalars -> rotation-equivariant per-atom vectors);
+* :func:`decode_composition`: latents -> number of element types, elements and
+  their counts (argmax, or sampled with a temperature).
+
+Imports no host-side code: it runs inside jit.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -130,3 +137,78 @@ def per_atom_scores(edge_scalars: Array, slots: Array, nl: NeighborList) -> Arra
     """Return ``[b, n, 3]`` per-atom scores from the scalars ``[e]`` of a score graph with edge ids ``slots [b, n, k]``."""
     s = jnp.take(edge_scalars, slots, mode="fill", fill_value=0.0)
     return jax.vmap(score.aggregate_edge_scalars)(s, nl)
+
+
+def coordinate_scores(
+    params: Any,
+    model: ModelConfig,
+    positions: Array,
+    lattice: Array,
+    atom_types: Array,
+    atom_mask: Array,
+    z_pos: Array,
+    *,
+    graph_config: score.ScoreGraphConfig,
+    num_nodes: int | None = None,
+) -> tuple[Array, NeighborList]:
+    """Return ``(per-atom scores [b, n, 3] in normalised units, the score graph)`` of crystals at ``positions [b, n, 3]``.
+
+    The one score function: the training loss and every Langevin step call it.
+    ``num_nodes`` (static) packs real atoms into that many graph nodes (see
+    :func:`symat_jax.graphs.score_edge_graph`).
+    """
+    nl = jax.vmap(functools.partial(score.score_graph, config=graph_config))(positions, lattice, atom_mask)
+    sg, slots = graphs.score_edge_graph(nl, atom_types, atom_mask, num_nodes)
+    edge = SyMat(model).apply(params, sg, z_pos, method=SyMat.edge_scores)
+    return per_atom_scores(edge, slots, nl), nl
+
+
+class Composition(NamedTuple):
+    """A decoded composition: ``num_types [b]`` (k), ``elements [b, m]`` (atomic numbers, most likely first) and
+    ``counts [b, m]`` (atoms of each; 0 beyond the first k)."""
+
+    num_types: Array
+    elements: Array
+    counts: Array
+
+
+DECODE_MODES = ("argmax", "sample")
+
+
+def decode_composition(
+    params: Any,
+    model: ModelConfig,
+    z_comp: Array,
+    *,
+    key: Array | None = None,
+    mode: str = "argmax",
+    temperature: float = 1.0,
+) -> Composition:
+    """Return the composition of ``z_comp [b, latent_comp]``: argmax k, top-k elements, argmax counts (SPEC 4).
+
+    The one composition decoder: the training metrics and the sampler call it.
+    ``mode="sample"`` draws k and the counts from the predicted categorical
+    distributions at ``temperature`` and the elements by Gumbel-top-k (needs ``key``).
+    """
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {mode!r}")
+    apply = functools.partial(SyMat(model).apply, params)
+    k_logits, e_logits = apply(z_comp, method=SyMat.decode_composition)
+    if mode == "sample":
+        if key is None:
+            raise ValueError("decoding by sampling needs a PRNG key")
+        kk, ke, kc = jax.random.split(key, 3)
+        k = jax.random.categorical(kk, k_logits / temperature) + 1
+        # Gumbel-top-k: a draw of k distinct elements from the element logits.
+        e_logits = e_logits / temperature + jax.random.gumbel(ke, e_logits.shape)
+    else:
+        k = jnp.argmax(k_logits, axis=-1) + 1
+    m = min(model.max_atoms, e_logits.shape[-1])
+    top = jnp.argsort(-e_logits, axis=-1)[:, :m] + 1  # [b, m] atomic numbers, best first
+    c_logits = apply(z_comp, top, method=SyMat.count_logits)  # [b, m, max_atoms]
+    if mode == "sample":
+        counts = jax.random.categorical(kc, c_logits / temperature) + 1
+    else:
+        counts = jnp.argmax(c_logits, axis=-1) + 1
+    counts = jnp.where(jnp.arange(m)[None] < k[:, None], counts, 0)
+    return Composition(k, top, counts)

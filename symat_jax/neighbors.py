@@ -14,7 +14,6 @@ dropped silently.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -194,9 +193,3 @@ def nearest_with_ties(nl: NeighborList, k: int, tol: float = 1e-3) -> NeighborLi
         num_neighbors=nl.num_neighbors,
         overflow=nl.overflow | jnp.any(keep[..., cap], axis=-1),
     )
-
-
-def estimate_capacity(num_neighbors: np.ndarray, multiple: int = 8, slack: float = 1.2) -> int:
-    """Return a neighbour capacity that holds ``num_neighbors`` with ``slack``, rounded up to ``multiple``."""
-    need = int(np.max(num_neighbors)) if np.size(num_neighbors) else 1
-    return int(math.ceil(max(need * slack, 1) / multiple) * multiple)

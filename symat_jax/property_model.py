@@ -28,60 +28,17 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from symat_jax import geometry, graphs
+from symat_jax import geometry, graphs, loop
 from symat_jax.checkpoints import RunCheckpoints, start_run
+from symat_jax.configs import PropertyConfig
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import load_split, registry
 from symat_jax.neighbors import nearest_with_ties, periodic_neighbors, required_image_range
-from symat_jax.networks import NUM_ELEMENTS, SphereNet, SphereNetConfig, swish
-from symat_jax.train import TrainState
+from symat_jax.networks import NUM_ELEMENTS, SphereNet, swish
+from symat_jax.run import TrainState
 
 log = logging.getLogger(__name__)
 Array = jax.Array
-PRESETS = ("default", "quick")
-
-
-@dataclasses.dataclass(frozen=True)
-class PropertyConfig:
-    """Settings of a property-model run."""
-
-    dataset: str
-    max_atoms: int
-    encoder: SphereNetConfig = SphereNetConfig(
-        num_layers=3, hidden=64, out_channels=128, int_emb=32, out_emb=128, num_spherical=3, num_radial=6, cutoff=6.0
-    )
-    max_neighbors: int = 12  # K nearest, plus every neighbour tied with the K-th
-    neighbor_capacity: int = 16  # slots per atom for K and its ties (overflow is reported)
-    head_hidden: int = 128
-    batch_size: int = 64
-    epochs: int = 60
-    learning_rate: float = 1e-3
-    seed: int = 0
-    keep_checkpoints: int = 2
-    max_train: int | None = None
-
-    def to_json(self) -> str:
-        """Return the config as JSON."""
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PropertyConfig":
-        """Return the config stored by :meth:`to_json` (parsed)."""
-        return cls(**{**d, "encoder": SphereNetConfig(**d["encoder"])})
-
-
-def get_property_config(dataset: str, preset: str = "default", **overrides: Any) -> PropertyConfig:
-    """Return the property-model config of ``dataset`` for a preset; ``overrides`` replace fields."""
-    info = registry.get_info(dataset)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    config = PropertyConfig(dataset=dataset, max_atoms=info.max_atoms)
-    if preset == "quick":
-        small = SphereNetConfig(num_layers=1, hidden=16, out_channels=16, int_emb=8, out_emb=16, num_spherical=2,
-                                num_radial=3, num_output_layers=1, cutoff=5.0)
-        config = dataclasses.replace(config, encoder=small, max_neighbors=8, neighbor_capacity=16, head_hidden=16,
-                                     epochs=3, max_train=128)
-    return dataclasses.replace(config, **overrides)
 
 
 class PropertyNet(nn.Module):
@@ -294,32 +251,27 @@ def train_property(
     first, _ = next(_dense_batches(dense, np.arange(len(train)), config.batch_size, {"target": target}))
     state = init(jax.random.PRNGKey(config.seed), first)
 
-    run = start_run(workdir, config.keep_checkpoints, state, resume, "best_val_mae")
-    ckpt, state, start, best, metrics_path = run.ckpt, run.state, run.start_epoch, run.best, run.metrics_path
+    start = start_run(workdir, config.keep_checkpoints, state, resume, "best_val_mae")
 
-    for epoch in range(start, config.epochs):
-        t0 = time.perf_counter()
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
-        losses = []
-        bar = tqdm(total=steps_per_epoch, desc=f"property epoch {epoch + 1}/{config.epochs}", disable=not progress,
-                   leave=False)
-        for batch, _ in _dense_batches(dense, order, config.batch_size, {"target": target}):
-            state, loss = train_step(state, batch)
-            losses.append(float(loss))
-            bar.update(1)
-        bar.close()
+    def end_epoch(state: TrainState, rows: list, weights: list[int], t0: float):
+        losses = np.asarray([float(r["loss"]) for r in jax.device_get(rows)], np.float64)
         predictor = PropertyPredictor(config, stats, state.params, config.batch_size)
         val_mae = mae(predictor(val), y_val)
-        is_best = val_mae < best
-        best = min(best, val_mae)
-        record = {"epoch": epoch + 1, "train_mse_std": float(np.mean(losses)), "val_mae": val_mae,
-                  "seconds": round(time.perf_counter() - t0, 2)}
-        ckpt.save(epoch, state, {"epoch": epoch, "best_val_mae": best}, is_best)
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        log.info("property epoch %d: train MSE (std units) %.4f, val MAE %.4f (%.1f s)", epoch + 1,
-                 record["train_mse_std"], val_mae, record["seconds"])
-    ckpt.close()
+        seconds = round(time.perf_counter() - t0, 2)
+        record = {"train_mse_std": float(np.mean(losses)), "val_mae": val_mae, "seconds": seconds}
+        message = f"train MSE (std units) {record['train_mse_std']:.4f}, val MAE {val_mae:.4f} ({seconds:.1f} s)"
+        return val_mae, record, {}, message
+
+    def step(state: TrainState, batch: dict[str, np.ndarray]):
+        state, loss = train_step(state, batch)
+        return state, {"loss": loss}
+
+    _, _, best = loop.run_epochs(
+        start, epochs=config.epochs, seed=config.seed, num_examples=len(train), steps_per_epoch=steps_per_epoch,
+        batches=lambda order: ((batch, len(idx)) for batch, idx in
+                               _dense_batches(dense, order, config.batch_size, {"target": target})),
+        train_step=step, end_epoch=end_epoch, best_key="best_val_mae", desc="property epoch", progress=progress,
+    )
 
     model = load_property_model(workdir)
     pred = model(test)

@@ -12,7 +12,9 @@ Pure, jittable pieces:
 
 :func:`sample` is the host-side driver: it groups crystals by atom count into
 size buckets (so 5-atom crystals are not padded to 24), chunks large
-requests, reports rejects and timings.
+requests, reports rejects and timings. Everything takes the run's
+:class:`~symat_jax.run.RunStatics` whole (score normaliser, lattice
+standardiser, image range) and imports no host-side code.
 """
 
 from __future__ import annotations
@@ -27,42 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from symat_jax import geometry, graphs, score
-from symat_jax.configs import ModelConfig
-from symat_jax.data.canonical import volume_factor
-from symat_jax.model import SyMat, per_atom_scores
+from symat_jax import geometry, score
+from symat_jax.configs import ModelConfig, SamplerConfig
+from symat_jax.model import SyMat, coordinate_scores, decode_composition
 from symat_jax.neighbors import required_image_range
+from symat_jax.run import RunStatics
 
 Array = jax.Array
-
-# SPEC 4 temperatures (comp, pos, lattice, coordinate noise) per dataset.
-PAPER_TEMPERATURES = {
-    "carbon_24": (1.0, 0.7, 1.0, 0.01),
-    "perov_5": (1.0, 1.0, 0.01, 0.01),
-    "mp_20": (0.2, 0.7, 0.7, 0.01),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-    """Static sampler settings (SPEC 4 defaults: 50 levels x 100 steps, step size 1e-4)."""
-
-    num_levels: int = 50  # levels used, spread over the trained ones from high to low
-    steps_per_level: int = 100
-    step_size: float = 1e-4
-    temp_comp: float = 1.0
-    temp_pos: float = 0.7
-    temp_lat: float = 1.0
-    temp_coord: float = 0.01
-    decode: str = "argmax"  # or "sample": draw k and counts from the predicted distributions
-    decode_temperature: float = 1.0
-
-    @classmethod
-    def paper(cls, dataset: str, **overrides: Any) -> "SamplerConfig":
-        """Return the paper setting of ``dataset`` (its temperatures), with overrides."""
-        tc, tp, tl, tx = PAPER_TEMPERATURES[dataset]
-        return dataclasses.replace(cls(temp_comp=tc, temp_pos=tp, temp_lat=tl, temp_coord=tx), **overrides)
-
 
 class Decoded(NamedTuple):
     """Decoded composition and lattice of a batch: ``atom_types [b, max_atoms]`` (0 = none), ``num_atoms [b]``
@@ -93,44 +66,21 @@ def sample_latents(key: Array, num: int, model: ModelConfig, cfg: SamplerConfig)
 
 
 def decode_crystals(
-    params: Any,
-    model: ModelConfig,
-    z: Latents,
-    lattice_mean: Array,
-    lattice_std: Array,
-    key: Array,
-    cfg: SamplerConfig,
+    params: Any, z: Latents, key: Array, *, model: ModelConfig, cfg: SamplerConfig, statics: RunStatics
 ) -> Decoded:
     """Return compositions (argmax or sampled k, top-k elements, counts) and lattices of latents (jittable)."""
-    net = SyMat(model)
-    apply = functools.partial(net.apply, params)
-    k_logits, e_logits = apply(z.z_comp, method=SyMat.decode_composition)
-    kk, ke, kc = jax.random.split(key, 3)
-    t = cfg.decode_temperature
-    if cfg.decode == "sample":
-        k = jax.random.categorical(kk, k_logits / t) + 1
-        # Gumbel-top-k: a draw of k distinct elements from the element logits.
-        e_logits = e_logits / t + jax.random.gumbel(ke, e_logits.shape)
-    elif cfg.decode == "argmax":
-        k = jnp.argmax(k_logits, axis=-1) + 1
-    else:
-        raise ValueError(f"decode must be 'argmax' or 'sample', got {cfg.decode!r}")
-    m = min(model.max_atoms, e_logits.shape[-1])
-    top = jnp.argsort(-e_logits, axis=-1)[:, :m] + 1  # [b, m] atomic numbers, best first
-    c_logits = apply(z.z_comp, top, method=SyMat.count_logits)  # [b, m, max_atoms]
-    if cfg.decode == "sample":
-        counts = jax.random.categorical(kc, c_logits / t) + 1
-    else:
-        counts = jnp.argmax(c_logits, axis=-1) + 1
-    counts = jnp.where(jnp.arange(m)[None] < k[:, None], counts, 0)
-    num_atoms = jnp.sum(counts, axis=-1)
-    ends = jnp.cumsum(counts, axis=-1)  # [b, m]
+    comp = decode_composition(params, model, z.z_comp, key=key, mode=cfg.decode, temperature=cfg.decode_temperature)
+    m = comp.elements.shape[-1]
+    num_atoms = jnp.sum(comp.counts, axis=-1)
+    ends = jnp.cumsum(comp.counts, axis=-1)  # [b, m]
     slot = jnp.arange(model.max_atoms)
     which = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # [b, max_atoms]
-    types = jnp.take_along_axis(top, jnp.minimum(which, m - 1), axis=-1)
+    types = jnp.take_along_axis(comp.elements, jnp.minimum(which, m - 1), axis=-1)
     types = jnp.where(slot[None] < num_atoms[:, None], types, 0)
-    lat = apply(z.z_lat, method=SyMat.decode_lattice) * lattice_std + lattice_mean  # scaled lengths, angles
-    lengths = lat[:, :3] * jnp.cbrt(num_atoms.astype(lat.dtype))[:, None]
+    lattice_mean = jnp.asarray(statics.lattice.mean, jnp.float32)
+    lattice_std = jnp.asarray(statics.lattice.std, jnp.float32)
+    lat = SyMat(model).apply(params, z.z_lat, method=SyMat.decode_lattice) * lattice_std + lattice_mean
+    lengths = lat[:, :3] * jnp.cbrt(num_atoms.astype(lat.dtype))[:, None]  # scaled lengths -> lengths
     return Decoded(types.astype(jnp.int32), num_atoms.astype(jnp.int32), lengths, lat[:, 3:])
 
 
@@ -143,13 +93,22 @@ def level_schedule(model: ModelConfig, cfg: SamplerConfig) -> tuple[np.ndarray, 
 
 
 def _langevin_step(
-    params: Any, model: ModelConfig, graph_cfg: score.ScoreGraphConfig, x: Array, lattice: Array, atom_types: Array,
-    atom_mask: Array, z_pos: Array, alpha: Array, norm: Array, temp: float, key: Array,
+    params: Any,
+    x: Array,
+    key: Array,
+    *,
+    lattice: Array,
+    atom_types: Array,
+    atom_mask: Array,
+    z_pos: Array,
+    alpha: Array,
+    norm: Array,
+    temp: float,
+    model: ModelConfig,
+    graph_config: score.ScoreGraphConfig,
 ) -> tuple[Array, Array]:
     """Return ``(next positions [b, n, 3], overflow [b])`` of one Langevin step."""
-    nl = jax.vmap(functools.partial(score.score_graph, config=graph_cfg))(x, lattice, atom_mask)
-    sg, slots = graphs.score_edge_graph(nl, atom_types, atom_mask)
-    s = per_atom_scores(SyMat(model).apply(params, sg, z_pos, method=SyMat.edge_scores), slots, nl)
+    s, nl = coordinate_scores(params, model, x, lattice, atom_types, atom_mask, z_pos, graph_config=graph_config)
     noise = jax.random.normal(key, x.shape)
     x = x + alpha * s / norm + jnp.sqrt(2.0 * alpha) * temp * noise
     return jax.vmap(geometry.wrap_cart)(x, lattice, atom_mask), nl.overflow
@@ -169,44 +128,49 @@ def langevin(
     atom_mask: Array,
     lattice: Array,
     z_pos: Array,
-    score_norm: Array,
     *,
+    statics: RunStatics,
     model: ModelConfig,
     cfg: SamplerConfig,
-    max_images: tuple[int, int, int],
+    max_images: tuple[int, int, int] | None = None,
     python_loop: bool = False,
 ) -> tuple[Array, Array]:
     """Return ``(fractional coordinates [b, n, 3], neighbour-list overflow [b])`` after annealed Langevin dynamics.
 
+    ``atom_types``/``atom_mask [b, n]``, ``lattice [b, 3, 3]``, ``z_pos [b, latent_pos]``.
     One program: ``lax.scan`` over the levels (high to low noise),
     ``fori_loop`` over the steps of each level; shapes are fixed.
-    ``python_loop=True`` runs the same steps one jitted step at a time from
-    Python instead (slow; the reference the compiled loop is tested against).
+    ``max_images`` (default: the training set's range, ``statics.max_images``)
+    bounds the periodic images searched; a lattice that needs more raises the
+    overflow flag. ``python_loop=True`` runs the same steps one jitted step at
+    a time from Python instead (slow; the reference the compiled loop is tested against).
     """
-    graph_cfg = score.ScoreGraphConfig(model.score_cutoff, model.score_neighbors, tuple(max_images))
+    images = tuple(statics.max_images if max_images is None else max_images)
+    graph_config = score.ScoreGraphConfig(model.score_cutoff, model.score_neighbors, images)
     levels, alphas = level_schedule(model, cfg)
     alphas = jnp.asarray(alphas, jnp.float32)
-    norms = jnp.asarray(score_norm, jnp.float32)[levels]
+    norms = jnp.asarray(statics.score_norm, jnp.float32)[levels]
     k0, kl = jax.random.split(key)
     level_keys = jax.random.split(kl, len(levels))
     carry = (initial_positions(k0, lattice, atom_mask), jnp.zeros(atom_mask.shape[0], bool))
-    fixed = (params, model, graph_cfg)
-    inputs = (lattice, atom_types, atom_mask, z_pos)
+    inputs = dict(lattice=lattice, atom_types=atom_types, atom_mask=atom_mask, z_pos=z_pos)
+    settings = dict(temp=cfg.temp_coord, model=model, graph_config=graph_config)
 
     def step(i, c, alpha, norm, lkey, step_fn=_langevin_step):
         x, overflow = c
-        x, ovf = step_fn(*fixed, x, *inputs, alpha, norm, cfg.temp_coord, jax.random.fold_in(lkey, i))
+        x, ovf = step_fn(params, x, jax.random.fold_in(lkey, i), alpha=alpha, norm=norm, **inputs, **settings)
         return x, overflow | ovf
 
     if python_loop:
-        jitted = jax.jit(_langevin_step, static_argnums=(1, 2, 10))
+        jitted = jax.jit(_langevin_step, static_argnames=tuple(settings))
         for li in range(len(levels)):
             for i in range(cfg.steps_per_level):
                 carry = step(i, carry, alphas[li], norms[li], level_keys[li], jitted)
     else:
         def level(c, xs):
             alpha, norm, lkey = xs
-            return jax.lax.fori_loop(0, cfg.steps_per_level, functools.partial(step, alpha=alpha, norm=norm, lkey=lkey), c), None
+            body = functools.partial(step, alpha=alpha, norm=norm, lkey=lkey)
+            return jax.lax.fori_loop(0, cfg.steps_per_level, body, c), None
 
         carry, _ = jax.lax.scan(level, carry, (alphas, norms, level_keys))
     x, overflow = carry
@@ -230,22 +194,20 @@ def generate(
     params: Any,
     key: Array,
     num: int,
-    score_norm: Array,
-    lattice_mean: Array,
-    lattice_std: Array,
     *,
+    statics: RunStatics,
     model: ModelConfig,
     cfg: SamplerConfig,
-    max_images: tuple[int, int, int],
+    max_images: tuple[int, int, int] | None = None,
 ) -> Generated:
-    """Return ``num`` generated crystals, all padded to ``max_atoms`` (jittable: ``num``, configs static)."""
+    """Return ``num`` generated crystals, all padded to ``max_atoms`` (jittable with ``num`` and the keywords static)."""
     kz, kd, kx = jax.random.split(key, 3)
     z = sample_latents(kz, num, model, cfg)
-    dec = decode_crystals(params, model, z, lattice_mean, lattice_std, kd, cfg)
+    dec = decode_crystals(params, z, kd, model=model, cfg=cfg, statics=statics)
     mask = dec.atom_types > 0
     lattice = geometry.lattice_matrix(dec.lengths, dec.angles)
-    frac, overflow = langevin(params, kx, dec.atom_types, mask, lattice, z.z_pos, score_norm,
-                              model=model, cfg=cfg, max_images=max_images)
+    frac, overflow = langevin(params, kx, dec.atom_types, mask, lattice, z.z_pos, statics=statics, model=model,
+                              cfg=cfg, max_images=max_images)
     return Generated(dec.atom_types, dec.num_atoms, dec.lengths, dec.angles, frac, overflow,
                      dec.num_atoms > model.max_atoms)
 
@@ -292,25 +254,27 @@ _DECODE_CACHE: dict[Any, Any] = {}
 _LANGEVIN_CACHE: dict[Any, Any] = {}
 
 
-def _jitted_decode(model: ModelConfig, cfg: SamplerConfig):
-    """Return a jitted ``(params, kz, kd, num, mean, std) -> (Decoded, z_pos)`` for static configs."""
-    key = (model, cfg)
+def _jitted_decode(model: ModelConfig, cfg: SamplerConfig, statics: RunStatics):
+    """Return a jitted ``(params, kz, kd, num) -> (Decoded, z_pos)`` for static configs."""
+    key = (model, cfg, statics)
     if key not in _DECODE_CACHE:
-        def run(params, kz, kd, num, lat_mean, lat_std):
+        def run(params, kz, kd, num):
             z = sample_latents(kz, num, model, cfg)
-            return decode_crystals(params, model, z, lat_mean, lat_std, kd, cfg), z.z_pos
+            return decode_crystals(params, z, kd, model=model, cfg=cfg, statics=statics), z.z_pos
         _DECODE_CACHE[key] = jax.jit(run, static_argnums=(3,))
     return _DECODE_CACHE[key]
 
 
-def _compiled_langevin(model: ModelConfig, cfg: SamplerConfig, max_images: tuple[int, int, int], args: tuple):
+def _compiled_langevin(
+    model: ModelConfig, cfg: SamplerConfig, statics: RunStatics, max_images: tuple[int, int, int], args: tuple
+):
     """Return ``(compiled langevin for these argument shapes, seconds spent compiling now)``."""
     shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
-    key = (model, cfg, max_images, shapes)
+    key = (model, cfg, statics, max_images, shapes)
     if key in _LANGEVIN_CACHE:
         return _LANGEVIN_CACHE[key], 0.0
     t0 = time.perf_counter()
-    fn = jax.jit(functools.partial(langevin, model=model, cfg=cfg, max_images=max_images))
+    fn = jax.jit(functools.partial(langevin, statics=statics, model=model, cfg=cfg, max_images=max_images))
     _LANGEVIN_CACHE[key] = fn.lower(*args).compile()
     return _LANGEVIN_CACHE[key], time.perf_counter() - t0
 
@@ -319,9 +283,8 @@ def sample(
     params: Any,
     key: Array,
     num: int,
-    score_norm: np.ndarray,
-    lattice_mean: np.ndarray,
-    lattice_std: np.ndarray,
+    *,
+    statics: RunStatics,
     model: ModelConfig,
     cfg: SamplerConfig,
     batch_size: int = 256,
@@ -336,12 +299,11 @@ def sample(
     compiles once. Compile and run times are reported separately.
     """
     kz, kd, kx = jax.random.split(key, 3)
-    decode = _jitted_decode(model, cfg)
+    decode = _jitted_decode(model, cfg, statics)
     parts = []
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
-        dec, z_pos = decode(params, jax.random.fold_in(kz, start), jax.random.fold_in(kd, start), b,
-                            jnp.asarray(lattice_mean, jnp.float32), jnp.asarray(lattice_std, jnp.float32))
+        dec, z_pos = decode(params, jax.random.fold_in(kz, start), jax.random.fold_in(kd, start), b)
         parts.append([np.asarray(x) for x in (dec.atom_types, dec.num_atoms, dec.lengths, dec.angles, z_pos)])
     types, n, lengths, angles, z_pos = (np.concatenate(p) for p in zip(*parts))
 
@@ -380,9 +342,8 @@ def sample(
                 jnp.asarray(types[sel, :size] > 0),
                 jnp.asarray(lattices[sel], jnp.float32),
                 jnp.asarray(z_pos[sel]),
-                jnp.asarray(score_norm, jnp.float32),
             )
-            fn, seconds = _compiled_langevin(model, cfg, images, args)
+            fn, seconds = _compiled_langevin(model, cfg, statics, images, args)
             compile_s += seconds
             t0 = time.perf_counter()
             frac, ovf = jax.block_until_ready(fn(*args))
@@ -416,10 +377,4 @@ def _reject_reason(n: int, lengths: np.ndarray, angles: np.ndarray, max_atoms: i
         return f"{n} atoms, more than the padding limit max_atoms={max_atoms}"
     if n < 1:
         return "no atoms"
-    if not (np.all(np.isfinite(lengths)) and np.all(np.isfinite(angles))):
-        return "NaN lattice parameters"
-    if np.any(lengths <= 0):
-        return "non-positive lattice length"
-    if volume_factor(angles) <= 1e-6 or np.any(angles <= 0) or np.any(angles >= 180):
-        return "degenerate lattice angles"
-    return None
+    return geometry.cell_defect(lengths, angles, n)

@@ -1,77 +1,41 @@
-"""Training SyMat: the jitted train/eval steps and a resumable, checkpointed loop."""
+"""Training SyMat: the jitted train/eval steps (one loss, SPEC 2/3) and the resumable, checkpointed run.
+
+Batches come from :mod:`symat_jax.input_pipeline`; the score of noisy
+coordinates and the composition decoder are :mod:`symat_jax.model`'s, the
+same functions the sampler calls; the run folder, statics and train state are
+:mod:`symat_jax.run`'s; the epoch loop is :mod:`symat_jax.loop`'s.
+"""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
 import functools
-import json
 import logging
 import pathlib
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from symat_jax import geometry, graphs, losses, score
+from symat_jax import geometry, graphs, losses, loop, run, score
 from symat_jax.checkpoints import start_run
 from symat_jax.configs import TrainConfig
 from symat_jax.data import CrystalDataset, load_split
-from symat_jax.input_pipeline import LatticeStandardizer, epoch_batches, max_elements
-from symat_jax.model import SyMat, per_atom_scores
+from symat_jax.input_pipeline import PadBudget, dense_batch, epoch_batches, lattice_features, max_elements, pad_budgets
+from symat_jax.model import SyMat, coordinate_scores, decode_composition
 from symat_jax.neighbors import required_image_range
+from symat_jax.run import LatticeStandardizer, RunStatics, TrainState
 
 log = logging.getLogger(__name__)
 Array = jax.Array
 Batch = dict[str, Any]
 
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a run needs to continue: step, parameters, optimiser state and the base PRNG key."""
-
-    step: Array
-    params: Any
-    opt_state: Any
-    key: Array  # raw key data; the step's key is fold_in(key, step)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunStatics:
-    """Values fixed for a run and stored beside its checkpoints (``normalizers.json``)."""
-
-    score_norm: tuple[float, ...]
-    max_images: tuple[int, int, int]
-    element_slots: int
-    lattice: LatticeStandardizer
-
-    def to_json(self) -> str:
-        """Return the statics as JSON."""
-        return json.dumps(
-            {
-                "score_norm": list(self.score_norm),
-                "max_images": list(self.max_images),
-                "element_slots": self.element_slots,
-                "lattice": json.loads(self.lattice.to_json()),
-            },
-            indent=2,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> "RunStatics":
-        """Return the statics stored by :meth:`to_json`."""
-        d = json.loads(text)
-        return cls(
-            tuple(d["score_norm"]),
-            tuple(d["max_images"]),
-            int(d["element_slots"]),
-            LatticeStandardizer.from_json(json.dumps(d["lattice"])),
-        )
+# Counters among the step metrics: summed over an epoch, not averaged.
+COUNTERS = ("skipped", "graph_overflow")
 
 
 class Trainer:
@@ -100,15 +64,23 @@ class Trainer:
         key = jax.random.PRNGKey(seed)
         enc = graphs.encoder_edge_graph(batch["enc"])
         b = batch["crystal_mask"].shape[0]
-        *_, nl = self._noisy_graph(batch, key)
-        sg, _ = self._score_graph(batch, nl)
+        _, noisy, lattice, _ = self._noisy_positions(batch, key)
+        nl = jax.vmap(functools.partial(score.score_graph, config=self.graph_config))(
+            noisy, lattice, jnp.asarray(batch["atom_mask"]))
+        sg, _ = graphs.score_edge_graph(nl, jnp.asarray(batch["atomic_numbers"]), jnp.asarray(batch["atom_mask"]),
+                                        self._num_nodes(batch))
         params = self.model.init(jax.random.fold_in(key, 1), enc, jnp.asarray(batch["lattice_std"]), b + 1, sg, b)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), key=key)
 
     # -- forward -------------------------------------------------------------
 
-    def _noisy_graph(self, batch: Batch, key: Array) -> tuple[Array, Array, Array, Array, Any]:
-        """Return ``(clean, noisy, lattice, levels, neighbour list)`` of the batch at random noise levels."""
+    @staticmethod
+    def _num_nodes(batch: Batch) -> int:
+        """Return the batch's node budget: its score graph packs real atoms into as many nodes as its encoder graph."""
+        return batch["enc"].nodes["atomic_numbers"].shape[0]
+
+    def _noisy_positions(self, batch: Batch, key: Array) -> tuple[Array, Array, Array, Array]:
+        """Return ``(clean, noisy, lattice, levels)`` of the batch at random noise levels."""
         k_lvl, k_eps = jax.random.split(key)
         lattice = geometry.lattice_matrix(batch["lengths"], batch["angles"])
         clean = geometry.frac_to_cart(batch["frac_coords"], lattice)
@@ -116,13 +88,7 @@ class Trainer:
         levels = jax.random.randint(k_lvl, (clean.shape[0],), 0, self.sigmas.shape[0])
         eps = jax.random.normal(k_eps, clean.shape)
         noisy = jax.vmap(score.perturb)(clean, lattice, mask, self.sigmas[levels], eps)
-        nl = jax.vmap(functools.partial(score.score_graph, config=self.graph_config))(noisy, lattice, mask)
-        return clean, noisy, lattice, levels, nl
-
-    def _score_graph(self, batch: Batch, nl: Any) -> tuple[graphs.EdgeGraph, Array]:
-        """Return the packed score graph of a batch (as many nodes as its encoder graph: no padding atoms)."""
-        num_nodes = batch["enc"].nodes["atomic_numbers"].shape[0]
-        return graphs.score_edge_graph(nl, jnp.asarray(batch["atomic_numbers"]), jnp.asarray(batch["atom_mask"]), num_nodes)
+        return clean, noisy, lattice, levels
 
     def _losses(self, params: Any, batch: Batch, key: Array, sample: bool) -> tuple[Array, dict[str, Array]]:
         """Return ``(total loss, per-term metrics)`` of a batch."""
@@ -150,9 +116,11 @@ class Trainer:
         cnt_logits = apply(z_comp, batch["elements"], method=SyMat.count_logits)
         lat_pred = apply(z_lat, method=SyMat.decode_lattice)
 
-        clean, noisy, lattice, levels, nl = self._noisy_graph(batch, k_noise)
-        sg, slots = self._score_graph(batch, nl)
-        pred = per_atom_scores(apply(sg, z_pos, method=SyMat.edge_scores), slots, nl)
+        clean, noisy, lattice, levels = self._noisy_positions(batch, k_noise)
+        pred, nl = coordinate_scores(
+            params, c.model, noisy, lattice, jnp.asarray(batch["atomic_numbers"]), jnp.asarray(batch["atom_mask"]),
+            z_pos, graph_config=self.graph_config, num_nodes=self._num_nodes(batch),
+        )
         target = jax.vmap(score.score_target)(clean, noisy, lattice, nl)
         target = target / self.score_norm[levels][:, None, None]
 
@@ -177,34 +145,27 @@ class Trainer:
         metrics["loss"] = total
         metrics["graph_overflow"] = jnp.sum(nl.overflow & crystal)
         if not sample:
-            metrics.update(self._composition_accuracy(apply, z_comp, k_logits, e_logits, cnt_logits, batch))
+            metrics.update(self._composition_accuracy(params, z_comp, cnt_logits, batch))
         return total, metrics
 
-    def _composition_accuracy(self, apply, z_comp, k_logits, e_logits, cnt_logits, batch) -> dict[str, Array]:
+    def _composition_accuracy(self, params: Any, z_comp: Array, cnt_logits: Array, batch: Batch) -> dict[str, Array]:
         """Return accuracies of k, the element set, the counts (given true elements) and the whole composition."""
         crystal = batch["crystal_mask"]
         b = z_comp.shape[0]
-        k_pred = jnp.argmax(k_logits, axis=-1) + 1
-        order = jnp.argsort(-e_logits, axis=-1)
-        rank = jnp.argsort(order, axis=-1)
-        pred_set = rank < k_pred[:, None]
-        true_set = batch["element_multi_hot"] > 0
-        m = min(self.config.model.max_atoms, e_logits.shape[-1])
-        top = order[:, :m] + 1
-        top_counts = jnp.argmax(apply(z_comp, top, method=SyMat.count_logits), axis=-1) + 1
-        top_counts = jnp.where(jnp.arange(m)[None] < k_pred[:, None], top_counts, 0)
+        comp = decode_composition(params, self.config.model, z_comp)
         rows = jnp.arange(b)[:, None]
-        pred_counts = jnp.zeros(e_logits.shape, jnp.int32).at[rows, top - 1].set(top_counts)
+        pred_counts = jnp.zeros((b, batch["element_multi_hot"].shape[-1]), jnp.int32).at[rows, comp.elements - 1].set(
+            comp.counts)
         el = jnp.where(batch["element_mask"], batch["elements"] - 1, 0)
-        true_counts = jnp.zeros(e_logits.shape, jnp.int32).at[rows, el].add(
+        true_counts = jnp.zeros(pred_counts.shape, jnp.int32).at[rows, el].add(
             jnp.where(batch["element_mask"], batch["counts"], 0)
         )
         counts_ok = jnp.all(
             (jnp.argmax(cnt_logits, axis=-1) + 1 == batch["counts"]) | ~batch["element_mask"], axis=-1
         )
         acc = {
-            "acc_num_types": k_pred == batch["num_types"],
-            "acc_elements": jnp.all(pred_set == true_set, axis=-1),
+            "acc_num_types": comp.num_types == batch["num_types"],
+            "acc_elements": jnp.all((pred_counts > 0) == (batch["element_multi_hot"] > 0), axis=-1),
             "acc_counts": counts_ok,
             "acc_composition": jnp.all(pred_counts == true_counts, axis=-1),
         }
@@ -235,6 +196,13 @@ class Trainer:
         _, metrics = self._losses(params, batch, key, False)
         return metrics
 
+    def batches(self, data: CrystalDataset, order: np.ndarray, budgets: list[PadBudget]):
+        """Yield ``(batch, real crystals in it)`` of one pass over ``data`` in ``order``."""
+        c = self.config
+        for batch in epoch_batches(data, order, budgets, c.batch_size, c.model.max_atoms, self.statics.element_slots,
+                                   self.statics.lattice):
+            yield batch, int(batch["crystal_mask"].sum())
+
 
 def get_trainer(config: TrainConfig, statics: RunStatics) -> Trainer:
     """Return the (cached) trainer of a config, so a resumed run in this process reuses compiled steps."""
@@ -249,7 +217,7 @@ def _cached_trainer(config: TrainConfig, statics: RunStatics) -> Trainer:
 
 
 # ----------------------------------------------------------------------------
-# The loop.
+# The run.
 
 
 def _subset(data: CrystalDataset, limit: int | None) -> CrystalDataset:
@@ -263,7 +231,7 @@ def compute_statics(config: TrainConfig, train: CrystalDataset, progress: bool =
     lengths, angles = train.lengths, train.angles
     lattices = np.asarray(geometry.lattice_matrix(lengths, angles))
     images = required_image_range(lattices, m.score_cutoff)
-    dense = graphs.dense_batch(train, np.arange(len(train)), m.max_atoms)
+    dense = dense_batch(train, np.arange(len(train)), m.max_atoms)
     norm = score.estimate_score_norm(
         dense["frac_coords"],
         lattices,
@@ -273,36 +241,17 @@ def compute_statics(config: TrainConfig, train: CrystalDataset, progress: bool =
         jax.random.PRNGKey(config.seed + 12345),
         progress=progress,
     )
-    return RunStatics(tuple(float(x) for x in norm), images, max_elements(train), LatticeStandardizer.fit(train))
+    return RunStatics(tuple(float(x) for x in norm), images, max_elements(train),
+                      LatticeStandardizer.fit(lattice_features(train)))
 
 
-def _mean_metrics(rows: list[dict[str, Array]], weights: list[int]) -> dict[str, float]:
-    """Return the crystal-weighted mean of per-batch metrics (sums for counters)."""
-    out: dict[str, float] = {}
-    total = max(sum(weights), 1)
-    for name in rows[0]:
-        vals = np.array([float(r[name]) for r in rows])
-        if name in ("skipped", "graph_overflow"):
-            out[name] = float(vals.sum())
-        else:
-            out[name] = float(np.sum(vals * np.asarray(weights)) / total)
-    return out
-
-
-def evaluate(
-    trainer: Trainer, params: Any, data: CrystalDataset, budgets: list[graphs.PadBudget], seed: int
-) -> dict[str, float]:
+def evaluate(trainer: Trainer, params: Any, data: CrystalDataset, budgets: list[PadBudget], seed: int) -> dict[str, float]:
     """Return the metrics of ``data`` at the posterior means (fixed noise draws from ``seed``)."""
-    c = trainer.config
     rows, weights = [], []
-    order = np.arange(len(data))
-    for i, batch in enumerate(
-        epoch_batches(data, order, budgets, c.batch_size, c.model.max_atoms, trainer.statics.element_slots,
-                      trainer.statics.lattice)
-    ):
+    for i, (batch, weight) in enumerate(trainer.batches(data, np.arange(len(data)), budgets)):
         rows.append(trainer.eval_step(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), i)))
-        weights.append(int(batch["crystal_mask"].sum()))
-    return _mean_metrics(rows, weights)
+        weights.append(weight)
+    return loop.weighted_means(rows, weights, COUNTERS)
 
 
 def train(
@@ -313,17 +262,15 @@ def train(
     progress: bool = True,
     datasets: tuple[CrystalDataset, CrystalDataset] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) a run in ``workdir``; return the last epoch's metrics.
+    """Train (or resume) a run in ``workdir`` (layout: :mod:`symat_jax.run`); return the last epoch's metrics.
 
-    ``workdir`` gets ``config.json``, ``normalizers.json`` (lattice
-    standardiser, score normaliser), ``checkpoints/`` (latest N), ``best/``
-    and ``metrics.jsonl``. ``datasets`` (train, val) skips loading from disk.
+    ``datasets`` (train, val) skips loading from disk.
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "config.json"
+    config_path = workdir / run.CONFIG_FILE
     if resume and config_path.exists():
-        stored = TrainConfig.from_dict(json.loads(config_path.read_text()))
+        stored = run.read_config(workdir)
         if stored != config:
             # Only the schedule may change on resume (e.g. more epochs).
             if dataclasses.replace(stored, epochs=config.epochs) != config:
@@ -338,67 +285,44 @@ def train(
     train_data = _subset(train_data, config.max_train)
     val_data = _subset(val_data, config.max_val)
 
-    statics_path = workdir / "normalizers.json"
-    if statics_path.exists() and resume:
-        statics = RunStatics.from_json(statics_path.read_text())
+    if (workdir / run.STATICS_FILE).exists() and resume:
+        statics = run.read_statics(workdir)
     else:
         statics = compute_statics(config, train_data, progress)
-        statics_path.write_text(statics.to_json())
-        np.savetxt(workdir / "score_norm.txt", np.asarray(statics.score_norm))
+        run.write_statics(workdir, statics)
 
     trainer = get_trainer(config, statics)
-    budgets = graphs.pad_budgets(train_data, config.batch_size, config.num_buckets, seed=config.seed)
-    val_budgets = graphs.pad_budgets(val_data, config.batch_size, 1)
-    first = next(
-        epoch_batches(train_data, np.arange(len(train_data)), budgets, config.batch_size, config.model.max_atoms,
-                      statics.element_slots, statics.lattice)
-    )
+    budgets = pad_budgets(train_data, config.batch_size, config.num_buckets, seed=config.seed)
+    val_budgets = pad_budgets(val_data, config.batch_size, 1)
+    first, _ = next(trainer.batches(train_data, np.arange(len(train_data)), budgets))
     state = trainer.init_state(first, config.seed)
-    run = start_run(workdir, config.keep_checkpoints, state, resume, "best_val_loss")
-    ckpt, state, start_epoch, best, metrics_path = run.ckpt, run.state, run.start_epoch, run.best, run.metrics_path
+    start = start_run(workdir, config.keep_checkpoints, state, resume, "best_val_loss")
 
-    last: dict[str, Any] = {}
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(train_data))
-        rows, weights = [], []
-        n_batches = -(-len(train_data) // config.batch_size)
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        for batch in epoch_batches(train_data, order, budgets, config.batch_size, config.model.max_atoms,
-                                   statics.element_slots, statics.lattice):
-            state, m = trainer.train_step(state, batch)
-            if int(m["skipped"]):
-                log.warning("step %d: non-finite loss or gradient; update skipped, state kept", int(state.step) - 1)
-            rows.append(m)
-            weights.append(int(batch["crystal_mask"].sum()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-        bar.close()
-        train_metrics = _mean_metrics(rows, weights)
+    def end_epoch(state: TrainState, rows: list, weights: list[int], t0: float):
+        train_metrics = loop.weighted_means(rows, weights, COUNTERS)
         train_time = time.perf_counter() - t0
+        if train_metrics["skipped"]:
+            log.warning("%d steps had a non-finite loss or gradient; their updates were skipped, the state kept",
+                        int(train_metrics["skipped"]))
         val_metrics = evaluate(trainer, state.params, val_data, val_budgets, config.seed + 999)
-        is_best = val_metrics["loss"] < best
-        best = min(best, val_metrics["loss"])
+        seconds = round(time.perf_counter() - t0, 3)
         record = {
-            "epoch": epoch + 1,
             "step": int(state.step),
             "train_seconds": round(train_time, 3),
-            "epoch_seconds": round(time.perf_counter() - t0, 3),
+            "epoch_seconds": seconds,
             "train": train_metrics,
             "val": val_metrics,
             # Programs traced so far in this process (one per pad budget at most).
             "compilations": dict(trainer.traces),
         }
-        # Checkpoint first, then log: a kill in between repeats a log line at worst.
-        ckpt.save(epoch, state, {"epoch": epoch, "best_val_loss": best, "val": val_metrics}, is_best)
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        log.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val composition match %.3f, val coords %.4f (%.1f s)",
-            epoch + 1, train_metrics["loss"], val_metrics["loss"], val_metrics["acc_composition"],
-            val_metrics["coords"], record["epoch_seconds"],
-        )
-        last = record
-    ckpt.close()
-    return last
+        message = (f"train loss {train_metrics['loss']:.4f}, val loss {val_metrics['loss']:.4f}, val composition "
+                   f"match {val_metrics['acc_composition']:.3f}, val coords {val_metrics['coords']:.4f} ({seconds:.1f} s)")
+        return val_metrics["loss"], record, {"val": val_metrics}, message
 
+    _, last, _ = loop.run_epochs(
+        start, epochs=config.epochs, seed=config.seed, num_examples=len(train_data),
+        steps_per_epoch=-(-len(train_data) // config.batch_size),
+        batches=lambda order: trainer.batches(train_data, order, budgets), train_step=trainer.train_step,
+        end_epoch=end_epoch, best_key="best_val_loss", desc="epoch", progress=progress,
+    )
+    return last

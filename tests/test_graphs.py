@@ -10,7 +10,7 @@ import jraph
 import numpy as np
 import pytest
 
-from symat_jax import geometry, graphs
+from symat_jax import geometry, graphs, input_pipeline
 from symat_jax.data import read_csv
 from symat_jax.neighbors import periodic_neighbors, required_image_range
 
@@ -27,7 +27,7 @@ def small_graph_set(data_root, tmp_path_factory):
 
 def test_budgets_hold_every_batch_and_bound_compilations(small_graph_set):
     data = small_graph_set
-    budgets = graphs.pad_budgets(data, batch_size=8, num_buckets=3, multiple=16)
+    budgets = input_pipeline.pad_budgets(data, batch_size=8, num_buckets=3, multiple=16)
     assert 1 <= len(budgets) <= 3
     traces = []
 
@@ -40,7 +40,7 @@ def test_budgets_hold_every_batch_and_bound_compilations(small_graph_set):
     seen = set()
     for epoch in range(3):
         order = rng.permutation(len(data))
-        for g, idx in graphs.batches(data, 8, budgets, order=order):
+        for g, idx in input_pipeline.batches(data, 8, budgets, order=order):
             seen.add((g.nodes["atomic_numbers"].shape[0], g.senders.shape[0]))
             assert int(count_real_nodes(g)) == int(data.num_atoms[idx].sum())
             assert int(jnp.sum(jraph.get_edge_padding_mask(g))) == int(data.num_edges[idx].sum())
@@ -51,9 +51,9 @@ def test_budgets_hold_every_batch_and_bound_compilations(small_graph_set):
 
 def test_encoder_batch_reproduces_each_crystal(small_graph_set):
     data = small_graph_set
-    budgets = graphs.pad_budgets(data, batch_size=5, num_buckets=1)
+    budgets = input_pipeline.pad_budgets(data, batch_size=5, num_buckets=1)
     idx = np.array([7, 2, 30, 11, 4])
-    g = graphs.encoder_batch(data, idx, budgets[0])
+    g = input_pipeline.encoder_batch(data, idx, budgets[0])
     node_start = np.concatenate([[0], np.cumsum(g.n_node)])
     edge_start = np.concatenate([[0], np.cumsum(g.n_edge)])
     for b, i in enumerate(idx):
@@ -74,13 +74,13 @@ def test_encoder_batch_reproduces_each_crystal(small_graph_set):
 
 def test_too_large_crystal_is_reported(small_graph_set):
     with pytest.raises(ValueError, match="more than max_atoms=4"):
-        graphs.dense_batch(small_graph_set, [0, 1], max_atoms=4)
+        input_pipeline.dense_batch(small_graph_set, [0, 1], max_atoms=4)
 
 
 def test_score_edge_graph_aggregates_like_the_dense_list(small_graph_set):
     data = small_graph_set
     idx = np.arange(6)
-    batch = graphs.dense_batch(data, idx, max_atoms=24)
+    batch = input_pipeline.dense_batch(data, idx, max_atoms=24)
     lat = geometry.lattice_matrix(batch["lengths"], batch["angles"])
     pos = geometry.frac_to_cart(jnp.asarray(batch["frac_coords"]), lat)
     mask = jnp.asarray(batch["atom_mask"])
@@ -113,9 +113,9 @@ def test_score_edge_graph_aggregates_like_the_dense_list(small_graph_set):
 
 def test_encoder_edge_graph_vectors_and_incoming_table(small_graph_set):
     data = small_graph_set
-    budgets = graphs.pad_budgets(data, batch_size=6, num_buckets=1)
+    budgets = input_pipeline.pad_budgets(data, batch_size=6, num_buckets=1)
     idx = np.array([3, 9, 0, 17, 5, 41])
-    g = graphs.encoder_edge_graph(graphs.encoder_batch(data, idx, budgets[0]))
+    g = graphs.encoder_edge_graph(input_pipeline.encoder_batch(data, idx, budgets[0]))
     node_start = np.concatenate([[0], np.cumsum(data.num_atoms[idx])])
     e = 0
     for b, i in enumerate(idx):
@@ -131,4 +131,4 @@ def test_encoder_edge_graph_vectors_and_incoming_table(small_graph_set):
     for node in range(node_start[-1]):
         assert sorted(table[node][tmask[node]]) == sorted(np.flatnonzero((recv == node) & np.asarray(g.edge_mask)))
     with pytest.raises(ValueError, match="max_degree"):
-        graphs.incoming_edge_table(np.array([0, 0, 0, 1]), 2, 2)
+        input_pipeline.incoming_edge_table(np.array([0, 0, 0, 1]), 2, 2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from symat_jax import graphs, score
+from symat_jax import graphs, input_pipeline, score
 from symat_jax.configs import ModelConfig
 from symat_jax.model import SyMat, per_atom_scores
 from symat_jax.networks import SphereNetConfig
@@ -43,7 +43,7 @@ def edge_graph(z, pos, lattice, edge_index, offsets, max_degree=16):
     """Return the EdgeGraph of one crystal from raw arrays (host-side)."""
     s, r = edge_index[:, 0], edge_index[:, 1]
     vec = pos[r] - pos[s] - offsets @ lattice
-    table, tmask = graphs.incoming_edge_table(r, len(z), max_degree)
+    table, tmask = input_pipeline.incoming_edge_table(r, len(z), max_degree)
     return graphs.EdgeGraph(
         atomic_numbers=jnp.asarray(z, jnp.int32), node_mask=jnp.ones(len(z), bool),
         node_graph=jnp.zeros(len(z), jnp.int32), senders=jnp.asarray(s, jnp.int32), receivers=jnp.asarray(r, jnp.int32),
@@ -145,17 +145,17 @@ def test_per_atom_score_is_equivariant(params, crystals, index):
 def test_padding_never_changes_a_real_crystal(params, crystals):
     """One crystal alone and inside padded batches of others: same latents and scores to 1e-5."""
     target = 2
-    small = graphs.PadBudget(64, 256, 2, 16)
-    alone = graphs.encoder_edge_graph(graphs.encoder_batch(crystals, [target], small))
-    big = graphs.PadBudget(512, 2048, 9, 16)
-    batch = graphs.encoder_edge_graph(graphs.encoder_batch(crystals, [5, 0, target, 7, 11], big))
+    small = input_pipeline.PadBudget(64, 256, 2, 16)
+    alone = graphs.encoder_edge_graph(input_pipeline.encoder_batch(crystals, [target], small))
+    big = input_pipeline.PadBudget(512, 2048, 9, 16)
+    batch = graphs.encoder_edge_graph(input_pipeline.encoder_batch(crystals, [5, 0, target, 7, 11], big))
     a = MODEL.apply(params, alone, jnp.zeros((2, 6)), 2, method=SyMat.encode)
     b = MODEL.apply(params, batch, jnp.zeros((9, 6)), 9, method=SyMat.encode)
     np.testing.assert_allclose(a.comp_mean[0], b.comp_mean[2], atol=1e-5)
     np.testing.assert_allclose(a.pos_mean[0], b.pos_mean[2], atol=1e-5)
 
     z_pos = jax.random.normal(jax.random.PRNGKey(3), (5, CONFIG.latent_pos))
-    dense = graphs.dense_batch(crystals, [5, 0, target, 7, 11], 24)
+    dense = input_pipeline.dense_batch(crystals, [5, 0, target, 7, 11], 24)
     lat = jnp.asarray(np.stack([crystals.crystal(i).lattice() for i in [5, 0, target, 7, 11]]), jnp.float32)
     pos = jnp.einsum("bni,bij->bnj", dense["frac_coords"], lat)
     mask = jnp.asarray(dense["atom_mask"])

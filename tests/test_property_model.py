@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from symat_jax import cli, evaluate_cli, property_model
+from symat_jax import cli, configs, evaluate_cli, property_model
 from symat_jax.crystal_sets import CrystalSet
 
 from conftest import csv_rows, write_csv
@@ -37,7 +37,7 @@ def trained(tiny_perov, tmp_path_factory):
 
 def _random_predictor(crystals: CrystalSet) -> property_model.PropertyPredictor:
     """Return an untrained quick model with random (non-zero) weights everywhere."""
-    config = property_model.get_property_config("perov_5", "quick")
+    config = configs.get_property_config("perov_5", "quick")
     images = property_model._image_range(crystals.lengths, crystals.angles, config.encoder.cutoff)
     init, _ = property_model._training(config, images, 1)
     batch, _ = next(property_model._dense_batches(crystals.dense(5), np.arange(len(crystals)), 8, {"target": np.zeros(len(crystals))}))

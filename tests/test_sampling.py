@@ -12,14 +12,24 @@ import pytest
 from pymatgen.core import Structure
 
 from symat_jax import sampling, score
+from symat_jax.configs import SamplerConfig
 from symat_jax.model import SyMat
 from symat_jax.neighbors import required_image_range
+from symat_jax.run import LatticeStandardizer, RunStatics
 
 from test_model import CONFIG, params  # noqa: F401  (fixture)
 from test_model import crystals  # noqa: F401  (fixture)
 
 NORM = jnp.asarray(np.sqrt(2) * score.noise_levels(), jnp.float32)
-FEW = sampling.SamplerConfig(num_levels=3, steps_per_level=4, step_size=1e-4, temp_coord=0.01)
+
+
+def _statics(mean=(0.0,) * 6, std=(1.0,) * 6, images=(3, 3, 3)) -> RunStatics:
+    """Return run statics with the test's normaliser and a given lattice standardiser."""
+    return RunStatics(tuple(float(x) for x in NORM), tuple(images), 1,
+                      LatticeStandardizer(tuple(float(x) for x in mean), tuple(float(x) for x in std)))
+
+
+FEW = SamplerConfig(num_levels=3, steps_per_level=4, step_size=1e-4, temp_coord=0.01)
 
 
 def _inputs(crystals, idx):  # noqa: F811
@@ -35,10 +45,10 @@ def test_compiled_sampler_equals_python_loop(params, crystals):  # noqa: F811
     types, mask, lat, z_pos, images = _inputs(crystals, [0, 3, 5])
     # A small step size keeps the dynamics from amplifying float32 rounding
     # (different op fusion in the two programs) beyond 1e-5 within 12 steps.
-    kw = dict(model=CONFIG, cfg=dataclasses.replace(FEW, step_size=1e-6), max_images=images)
+    kw = dict(statics=_statics(), model=CONFIG, cfg=dataclasses.replace(FEW, step_size=1e-6), max_images=images)
     key = jax.random.PRNGKey(11)
-    fast = jax.jit(lambda p, k: sampling.langevin(p, k, types, mask, lat, z_pos, NORM, **kw))(params, key)
-    slow = sampling.langevin(params, key, types, mask, lat, z_pos, NORM, **kw, python_loop=True)
+    fast = jax.jit(lambda p, k: sampling.langevin(p, k, types, mask, lat, z_pos, **kw))(params, key)
+    slow = sampling.langevin(params, key, types, mask, lat, z_pos, **kw, python_loop=True)
     np.testing.assert_allclose(fast[0], slow[0], atol=1e-5)
     np.testing.assert_array_equal(fast[1], slow[1])
     frac = np.asarray(fast[0])
@@ -49,12 +59,11 @@ def test_compiled_sampler_equals_python_loop(params, crystals):  # noqa: F811
 
 
 def test_generate_is_jittable_and_reproducible(params):  # noqa: F811
-    fn = jax.jit(sampling.generate, static_argnums=(2,), static_argnames=("model", "cfg", "max_images"))
-    kw = dict(model=CONFIG, cfg=FEW, max_images=(3, 3, 3))
-    args = (NORM, jnp.array([1.6, 1.8, 2.1, 80.0, 85.0, 95.0]), jnp.full(6, 0.2))
-    a = fn(params, jax.random.PRNGKey(0), 6, *args, **kw)
-    b = fn(params, jax.random.PRNGKey(0), 6, *args, **kw)
-    c = fn(params, jax.random.PRNGKey(1), 6, *args, **kw)
+    fn = jax.jit(sampling.generate, static_argnums=(2,), static_argnames=("statics", "model", "cfg", "max_images"))
+    kw = dict(statics=_statics((1.6, 1.8, 2.1, 80.0, 85.0, 95.0), (0.2,) * 6), model=CONFIG, cfg=FEW)
+    a = fn(params, jax.random.PRNGKey(0), 6, **kw)
+    b = fn(params, jax.random.PRNGKey(0), 6, **kw)
+    c = fn(params, jax.random.PRNGKey(1), 6, **kw)
     np.testing.assert_array_equal(a.frac_coords, b.frac_coords)
     assert not np.array_equal(a.frac_coords, c.frac_coords)
     np.testing.assert_array_equal(np.sum(a.atom_types > 0, axis=1), np.minimum(a.num_atoms, CONFIG.max_atoms))
@@ -62,7 +71,7 @@ def test_generate_is_jittable_and_reproducible(params):  # noqa: F811
 
 def test_decoding_builds_compositions_from_the_decoders(params):  # noqa: F811
     z = sampling.sample_latents(jax.random.PRNGKey(2), 16, CONFIG, FEW)
-    dec = sampling.decode_crystals(params, CONFIG, z, jnp.zeros(6), jnp.ones(6), jax.random.PRNGKey(3), FEW)
+    dec = sampling.decode_crystals(params, z, jax.random.PRNGKey(3), model=CONFIG, cfg=FEW, statics=_statics())
     net = SyMat(CONFIG)
     k_logits, e_logits = net.apply(params, z.z_comp, method=SyMat.decode_composition)
     k = np.argmax(k_logits, axis=-1) + 1
@@ -71,8 +80,8 @@ def test_decoding_builds_compositions_from_the_decoders(params):  # noqa: F811
         top = set(np.argsort(-np.asarray(e_logits[b]))[: k[b]] + 1)
         if dec.num_atoms[b] <= CONFIG.max_atoms:
             assert present == top  # exactly the top-k elements, each at least once
-    sampled = sampling.decode_crystals(params, CONFIG, z, jnp.zeros(6), jnp.ones(6), jax.random.PRNGKey(3),
-                                       dataclasses.replace(FEW, decode="sample"))
+    sampled = sampling.decode_crystals(params, z, jax.random.PRNGKey(3), model=CONFIG,
+                                       cfg=dataclasses.replace(FEW, decode="sample"), statics=_statics())
     assert not np.array_equal(sampled.atom_types, dec.atom_types)
 
 
@@ -89,8 +98,8 @@ def test_sample_buckets_and_reproduces(params):  # noqa: F811
     # Lattice mean/std that decode to sensible cells: lengths ~1.6 A * N^(1/3), angles ~90.
     mean, std = np.array([1.6, 1.6, 1.6, 90.0, 90.0, 90.0]), np.array([0.05, 0.05, 0.05, 2.0, 2.0, 2.0])
     p = _biased(params, 1, 3)  # 3-atom crystals: padded to the 4-atom bucket, not to 24
-    run = functools.partial(sampling.sample, p, jax.random.PRNGKey(4), 10, np.asarray(NORM), mean, std, CONFIG, FEW,
-                            batch_size=4, progress=False)
+    run = functools.partial(sampling.sample, p, jax.random.PRNGKey(4), 10, statics=_statics(mean, std), model=CONFIG,
+                            cfg=FEW, batch_size=4, progress=False)
     res = run()
     assert len(res.atom_types) == 10 and not res.rejects
     assert all(len(t) == 3 for t in res.atom_types)
@@ -107,7 +116,8 @@ def test_sample_buckets_and_reproduces(params):  # noqa: F811
 def test_too_many_atoms_are_rejected_not_cut(params):  # noqa: F811
     mean, std = np.array([1.6, 1.6, 1.6, 90.0, 90.0, 90.0]), np.array([0.05, 0.05, 0.05, 2.0, 2.0, 2.0])
     p = _biased(params, 5, 7)  # 35 atoms > max_atoms = 24
-    res = sampling.sample(p, jax.random.PRNGKey(4), 3, np.asarray(NORM), mean, std, CONFIG, FEW, progress=False)
+    res = sampling.sample(p, jax.random.PRNGKey(4), 3, statics=_statics(mean, std), model=CONFIG, cfg=FEW,
+                          progress=False)
     assert not res.atom_types and len(res.rejects) == 3
     assert all(r["num_atoms"] == 35 and "max_atoms=24" in r["reason"] for r in res.rejects)
 
@@ -116,8 +126,8 @@ def test_written_cifs_parse_back_to_the_same_crystals(params, tmp_path):  # noqa
     from symat_jax.generate_cli import write_samples
 
     mean, std = np.array([1.7, 1.7, 1.7, 90.0, 90.0, 90.0]), np.array([0.1, 0.1, 0.1, 5.0, 5.0, 5.0])
-    res = sampling.sample(_biased(params, 1, 5), jax.random.PRNGKey(8), 4, np.asarray(NORM), mean, std, CONFIG, FEW,
-                          progress=False)
+    res = sampling.sample(_biased(params, 1, 5), jax.random.PRNGKey(8), 4, statics=_statics(mean, std), model=CONFIG,
+                          cfg=FEW, progress=False)
     write_samples(res, tmp_path)
     saved = np.load(tmp_path / "samples.npz")
     starts = np.concatenate([[0], np.cumsum(saved["num_atoms"])])

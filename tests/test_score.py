@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from symat_jax import geometry, graphs, score
+from symat_jax import geometry, input_pipeline, score
 from symat_jax.neighbors import required_image_range
 
 CUTOFFS = {"carbon_24": 3.0, "perov_5": 4.0}
@@ -63,7 +63,7 @@ def test_noise_levels_are_the_reference_ones(golden):
 def test_normaliser_is_close_to_the_published_one(test_splits, data_root):
     """Every level within 10% of ``score_norm.txt``, estimated on the Carbon-24 test split."""
     data = test_splits["carbon_24"]
-    b = graphs.dense_batch(data, np.arange(len(data)), 24)
+    b = input_pipeline.dense_batch(data, np.arange(len(data)), 24)
     lat = np.asarray(geometry.lattice_matrix(b["lengths"], b["angles"]))
     cfg = score.ScoreGraphConfig(3.0, 5, required_image_range(lat, 3.0))
     est = score.estimate_score_norm(b["frac_coords"], lat, b["atom_mask"], cfg, score.noise_levels(),

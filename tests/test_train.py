@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from symat_jax import configs, graphs, train
+from symat_jax import configs, input_pipeline, run, train
 from symat_jax.checkpoints import RunCheckpoints
 from symat_jax.data import read_csv
 from symat_jax.input_pipeline import epoch_batches
@@ -42,9 +42,9 @@ def full_run(tiny_config, tiny_data, tmp_path_factory):
 
 
 def _params(workdir, config, data):
-    statics = train.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
     trainer = train.get_trainer(config, statics)
-    budgets = graphs.pad_budgets(data, config.batch_size, config.num_buckets, seed=config.seed)
+    budgets = input_pipeline.pad_budgets(data, config.batch_size, config.num_buckets, seed=config.seed)
     batch = next(epoch_batches(data, np.arange(len(data)), budgets, config.batch_size, 24, statics.element_slots,
                                statics.lattice))
     ckpt = RunCheckpoints(workdir)
@@ -83,9 +83,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(full_run, tiny_config,
 
 def test_non_finite_step_is_skipped_and_compilations_are_bounded(full_run, tiny_config, tiny_data):
     workdir, _ = full_run
-    statics = train.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
     trainer = train.get_trainer(tiny_config, statics)
-    budgets = graphs.pad_budgets(tiny_data[0], tiny_config.batch_size, tiny_config.num_buckets, seed=0)
+    budgets = input_pipeline.pad_budgets(tiny_data[0], tiny_config.batch_size, tiny_config.num_buckets, seed=0)
     # One trace per pad budget over three runs (one of them resumed), no more.
     assert 1 <= trainer.traces["train_step"] <= len(budgets)
     assert trainer.traces["eval_step"] == 1

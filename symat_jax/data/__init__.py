@@ -1,28 +1,36 @@
-"""Crystal datasets: the registry, canonical form and cached CSV reading (host-side)."""
+"""Crystal datasets: the registry, canonical form and cached CSV reading (host-side).
 
-from symat_jax.data.canonical import BadCrystalError, CanonicalCrystal, canonicalize, center_frac_coords
-from symat_jax.data.dataset import CrystalDataset, load_split, read_csv
-from symat_jax.data.registry import (
-    DATASETS,
-    DatasetInfo,
-    DatasetNotFoundError,
-    get_info,
-    resolve_data_root,
-    split_path,
-)
+Names are loaded on first use, so ``symat_jax.data.registry`` (dataset facts,
+imported by the configs) does not pull in pymatgen and the CSV reader.
+"""
 
-__all__ = [
-    "BadCrystalError",
-    "CanonicalCrystal",
-    "CrystalDataset",
-    "DATASETS",
-    "DatasetInfo",
-    "DatasetNotFoundError",
-    "canonicalize",
-    "center_frac_coords",
-    "get_info",
-    "load_split",
-    "read_csv",
-    "resolve_data_root",
-    "split_path",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BadCrystalError": "canonical",
+    "CanonicalCrystal": "canonical",
+    "canonicalize": "canonical",
+    "center_frac_coords": "canonical",
+    "to_structure": "canonical",
+    "CrystalDataset": "dataset",
+    "load_split": "dataset",
+    "read_csv": "dataset",
+    "DATASETS": "registry",
+    "DatasetInfo": "registry",
+    "DatasetNotFoundError": "registry",
+    "get_info": "registry",
+    "resolve_data_root": "registry",
+    "split_path": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Return an exported name, importing its module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 from pymatgen.core import Lattice, Structure
 
+from symat_jax.geometry import MIN_VOLUME_PER_ATOM, cell_defect
+
 MAX_ATOMIC_NUMBER = 100
-# Smallest cell volume per atom (A^3) that still counts as a real lattice; real
-# crystals sit above ~5 A^3/atom, so this only catches collapsed cells.
-MIN_VOLUME_PER_ATOM = 0.1
 _SPREAD_TIE_TOL = 1e-9
 
 
@@ -47,18 +45,17 @@ class CanonicalCrystal:
 
     def to_structure(self) -> Structure:
         """Return the crystal as a pymatgen Structure."""
-        return Structure(
-            Lattice.from_parameters(*self.lengths, *self.angles),
-            self.atomic_numbers.tolist(),
-            self.frac_coords,
-            coords_are_cartesian=False,
-        )
+        return to_structure(self.atomic_numbers, self.lengths, self.angles, self.frac_coords)
 
 
-def volume_factor(angles_deg: np.ndarray) -> float:
-    """Return ``V / (a b c)`` squared for cell angles in degrees (<= 0 for an impossible cell)."""
-    ca, cb, cg = np.cos(np.deg2rad(np.asarray(angles_deg, dtype=np.float64)))
-    return float(1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg)
+def to_structure(atom_types: np.ndarray, lengths: np.ndarray, angles: np.ndarray, frac_coords: np.ndarray) -> Structure:
+    """Return the pymatgen Structure of one crystal given as (atomic numbers, lengths, angles in degrees, fractional coordinates).
+
+    The one crystal -> Structure builder (datasets, written samples, evaluation).
+    """
+    return Structure(
+        Lattice.from_parameters(*lengths, *angles), np.asarray(atom_types).tolist(), frac_coords, coords_are_cartesian=False
+    )
 
 
 def center_frac_coords(frac_coords: np.ndarray) -> np.ndarray:
@@ -110,9 +107,9 @@ def check_structure(structure: Structure, max_atoms: int) -> None:
     params = np.asarray(structure.lattice.parameters, dtype=np.float64)
     if not np.all(np.isfinite(params)) or not np.all(np.isfinite(structure.frac_coords)):
         raise BadCrystalError("NaN or infinite lattice parameter or coordinate")
-    volume = abs(float(np.linalg.det(structure.lattice.matrix)))
-    if not math.isfinite(volume) or volume < MIN_VOLUME_PER_ATOM * n:
-        raise BadCrystalError(f"degenerate lattice (volume {volume:.3g} A^3 for {n} atoms)")
+    defect = cell_defect(structure.lattice.abc, structure.lattice.angles, n)
+    if defect is not None:
+        raise BadCrystalError(defect)
 
 
 def canonicalize(structure: Structure, max_atoms: int) -> CanonicalCrystal:

@@ -16,22 +16,15 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from symat_jax import hostpool
-from symat_jax.data import registry
-from symat_jax.data.canonical import (
-    MAX_ATOMIC_NUMBER,
-    MIN_VOLUME_PER_ATOM,
-    BadCrystalError,
-    CanonicalCrystal,
-    canonicalize,
-    volume_factor,
-)
+from symat_jax.data import ragged, registry
+from symat_jax.data.canonical import MAX_ATOMIC_NUMBER, BadCrystalError, CanonicalCrystal, canonicalize
+from symat_jax.geometry import cell_defect
 
 log = logging.getLogger(__name__)
 
 # Bump whenever canonicalisation or the cached layout changes: old caches are
 # then ignored rather than trusted.
 CACHE_VERSION = 1
-CACHE_DIR_ENV = "SYMAT_CACHE_DIR"
 
 csv.field_size_limit(1 << 30)
 
@@ -69,12 +62,12 @@ class CrystalDataset:
     @property
     def atom_offsets(self) -> np.ndarray:
         """Return [c + 1] start of each crystal's atoms in the per-atom arrays."""
-        return np.concatenate([[0], np.cumsum(self.num_atoms)])
+        return ragged.starts(self.num_atoms)
 
     @property
     def edge_offsets_start(self) -> np.ndarray:
         """Return [c + 1] start of each crystal's edges in the edge arrays."""
-        return np.concatenate([[0], np.cumsum(self.num_edges)])
+        return ragged.starts(self.num_edges)
 
     def crystal(self, i: int) -> CanonicalCrystal:
         """Return crystal ``i`` as a CanonicalCrystal."""
@@ -123,9 +116,8 @@ class CrystalDataset:
     def subset(self, indices: Sequence[int] | np.ndarray) -> "CrystalDataset":
         """Return the crystals at ``indices`` (in that order) as a new dataset."""
         indices = np.asarray(indices, dtype=np.int64)
-        ao, eo = self.atom_offsets, self.edge_offsets_start
-        atoms = np.concatenate([np.arange(ao[i], ao[i + 1]) for i in indices] or [np.zeros(0, int)])
-        edges = np.concatenate([np.arange(eo[i], eo[i + 1]) for i in indices] or [np.zeros(0, int)])
+        atoms = ragged.take_rows(self.num_atoms, indices)
+        edges = ragged.take_rows(self.num_edges, indices)
         return dataclasses.replace(
             self,
             material_id=self.material_id[indices],
@@ -241,11 +233,9 @@ def _raise_if_bad_cell(cif: str) -> None:
     if len(values) != 6:
         return
     a, b, c, alpha, beta, gamma = (values[k] for k in _CELL_KEYS)
-    if not all(math.isfinite(v) for v in (a, b, c, alpha, beta, gamma)):
-        raise BadCrystalError("NaN or infinite lattice parameter")
-    volume = a * b * c * math.sqrt(max(volume_factor([alpha, beta, gamma]), 0.0))
-    if volume < MIN_VOLUME_PER_ATOM or min(a, b, c) <= 0:
-        raise BadCrystalError(f"degenerate lattice (volume {volume:.3g} A^3)")
+    defect = cell_defect(np.array([a, b, c]), np.array([alpha, beta, gamma]))
+    if defect is not None:
+        raise BadCrystalError(defect)
 
 
 def _process_one(cif: str, max_atoms: int, with_graph: bool) -> CanonicalCrystal | str:
@@ -258,18 +248,6 @@ def _process_one(cif: str, max_atoms: int, with_graph: bool) -> CanonicalCrystal
 
 # ----------------------------------------------------------------------------
 # Cache.
-
-
-def _cache_dir(csv_path: pathlib.Path, cache_dir: str | os.PathLike | None) -> pathlib.Path:
-    """Return a writable cache folder: the argument, ``$SYMAT_CACHE_DIR``, beside the CSV, or ~/.cache."""
-    if cache_dir is not None:
-        return pathlib.Path(cache_dir)
-    if os.environ.get(CACHE_DIR_ENV):
-        return pathlib.Path(os.environ[CACHE_DIR_ENV])
-    beside = csv_path.parent / ".symat_cache"
-    if os.access(beside if beside.exists() else csv_path.parent, os.W_OK):
-        return beside
-    return pathlib.Path.home() / ".cache" / "symat_jax"
 
 
 def _cache_file(folder: pathlib.Path, csv_path: pathlib.Path, digest: str, dataset: str, with_graph: bool) -> pathlib.Path:
@@ -305,7 +283,7 @@ def read_csv(
         raise FileNotFoundError(f"{csv_path} does not exist")
     raw = csv_path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
-    folder = _cache_dir(csv_path, cache_dir)
+    folder = registry.cache_folder(cache_dir, beside=csv_path.parent)
     if cache:
         # A cache with the graph also serves a request without it.
         for flag in (True,) if with_graph else (False, True):

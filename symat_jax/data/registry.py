@@ -11,6 +11,7 @@ import urllib.request
 SPLITS = ("train", "val", "test")
 DATA_ROOT_ENV = "SYMAT_DATA_ROOT"
 DEFAULT_DATA_ROOT = "data"
+CACHE_DIR_ENV = "SYMAT_CACHE_DIR"
 # Public CDVAE repository; overridable for mirrors and for offline tests.
 DOWNLOAD_URL_ENV = "SYMAT_DOWNLOAD_URL"
 DEFAULT_DOWNLOAD_URL = "https://raw.githubusercontent.com/txie-93/cdvae/main/data"
@@ -88,3 +89,21 @@ def split_path(
             f"{path} does not exist and downloading {url} failed ({err}). {where}"
         ) from err
     return path
+
+
+def cache_folder(explicit: str | os.PathLike | None = None, beside: str | os.PathLike | None = None) -> pathlib.Path:
+    """Return where derived files (parsed datasets, fingerprints) are cached: the one cache-folder policy.
+
+    In order: ``explicit``, ``$SYMAT_CACHE_DIR``, ``.symat_cache/`` in
+    ``beside`` (the data's own folder) when that is writable, else
+    ``~/.cache/symat_jax``.
+    """
+    if explicit is not None:
+        return pathlib.Path(explicit)
+    if os.environ.get(CACHE_DIR_ENV):
+        return pathlib.Path(os.environ[CACHE_DIR_ENV])
+    if beside is not None:
+        folder = pathlib.Path(beside) / ".symat_cache"
+        if os.access(folder if folder.exists() else folder.parent, os.W_OK):
+            return folder
+    return pathlib.Path.home() / ".cache" / "symat_jax"

@@ -1,0 +1,180 @@
+"""A trained SyMat run: its folder layout, statics, train state and loading (one home for all three users).
+
+Training writes a run, sampling and evaluation read it; none of them imports
+another's module to get at it. A run folder holds:
+
+* ``config.json``: the :class:`~symat_jax.configs.TrainConfig`;
+* ``normalizers.json``: the :class:`RunStatics` (lattice standardiser, score
+  normaliser, image range, element slots) and ``score_norm.txt`` (the
+  normaliser alone, comparable with the published ``score_norm.txt``);
+* ``checkpoints/`` (latest N) and ``best/`` (best validation loss): orbax
+  checkpoints of the :class:`TrainState`;
+* ``metrics.jsonl``: one line per finished epoch;
+* ``prior.npz`` and ``prior.json``: the latent prior fitted to the training
+  set (:mod:`symat_jax.latents`) and how it was chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import numpy as np
+
+from symat_jax.checkpoints import RunCheckpoints
+from symat_jax.configs import TrainConfig
+from symat_jax.prior import MixturePrior
+
+Array = jax.Array
+
+CONFIG_FILE = "config.json"
+STATICS_FILE = "normalizers.json"
+SCORE_NORM_FILE = "score_norm.txt"
+METRICS_FILE = "metrics.jsonl"
+PRIOR_FILE = "prior.npz"
+PRIOR_REPORT_FILE = "prior.json"
+CHECKPOINT_CHOICES = ("best", "latest")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue: step, parameters, optimiser state and the base PRNG key."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    key: Array  # raw key data; the step's key is fold_in(key, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatticeStandardizer:
+    """Mean and std of ``(scaled lengths, angles)`` fit on a training set (saved with the model)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, features: np.ndarray) -> "LatticeStandardizer":
+        """Return the standardiser of ``[c, 6]`` lattice features (scaled lengths, angles)."""
+        x = np.asarray(features)
+        return cls(tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in np.maximum(x.std(0), 1e-6)))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Return standardised ``[c, 6]`` features."""
+        return (x - np.asarray(self.mean)) / np.asarray(self.std)
+
+    def inverse(self, x: np.ndarray) -> np.ndarray:
+        """Return ``[..., 6]`` (scaled lengths, angles) from standardised values."""
+        return np.asarray(x) * np.asarray(self.std) + np.asarray(self.mean)
+
+    def to_json(self) -> str:
+        """Return the standardiser as JSON."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "LatticeStandardizer":
+        """Return the standardiser stored by :meth:`to_json`."""
+        d = json.loads(text)
+        return cls(tuple(d["mean"]), tuple(d["std"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStatics:
+    """Values fixed for a run and stored beside its checkpoints (``normalizers.json``).
+
+    Frozen and hashable: jitted samplers take it whole as a static argument.
+    """
+
+    score_norm: tuple[float, ...]
+    max_images: tuple[int, int, int]
+    element_slots: int
+    lattice: LatticeStandardizer
+
+    def to_json(self) -> str:
+        """Return the statics as JSON."""
+        return json.dumps(
+            {
+                "score_norm": list(self.score_norm),
+                "max_images": list(self.max_images),
+                "element_slots": self.element_slots,
+                "lattice": json.loads(self.lattice.to_json()),
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunStatics":
+        """Return the statics stored by :meth:`to_json`."""
+        d = json.loads(text)
+        return cls(
+            tuple(d["score_norm"]),
+            tuple(d["max_images"]),
+            int(d["element_slots"]),
+            LatticeStandardizer.from_json(json.dumps(d["lattice"])),
+        )
+
+
+class LoadedRun(NamedTuple):
+    """A run read back for sampling or evaluation: config, statics, parameters and the checkpoint's meta."""
+
+    config: TrainConfig
+    statics: RunStatics
+    params: Any
+    meta: dict[str, Any]
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_config(workdir: str | pathlib.Path) -> TrainConfig:
+    """Return the config stored in a run folder."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {workdir} holds no SyMat run")
+    return TrainConfig.from_dict(json.loads(path.read_text()))
+
+
+def read_statics(workdir: str | pathlib.Path) -> RunStatics:
+    """Return the statics stored in a run folder."""
+    return RunStatics.from_json((pathlib.Path(workdir) / STATICS_FILE).read_text())
+
+
+def write_statics(workdir: str | pathlib.Path, statics: RunStatics) -> None:
+    """Write ``normalizers.json`` and ``score_norm.txt`` of a run (atomically)."""
+    workdir = pathlib.Path(workdir)
+    write_text_atomic(workdir / STATICS_FILE, statics.to_json())
+    tmp = workdir / f".{SCORE_NORM_FILE}.tmp"
+    np.savetxt(tmp, np.asarray(statics.score_norm))
+    os.replace(tmp, workdir / SCORE_NORM_FILE)
+
+
+def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> LoadedRun:
+    """Return the config, statics, parameters and meta of a trained run (``checkpoint``: best or latest)."""
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_CHOICES}, got {checkpoint!r}")
+    workdir = pathlib.Path(workdir)
+    config = read_config(workdir)
+    statics = read_statics(workdir)
+    ckpt = RunCheckpoints(workdir)
+    try:
+        state, meta = ckpt.restore_raw(best=checkpoint == "best")
+    finally:
+        ckpt.close()
+    return LoadedRun(config, statics, state["params"], meta)
+
+
+def load_prior(workdir: str | pathlib.Path) -> MixturePrior:
+    """Return the fitted latent prior of a run (FileNotFoundError saying how to fit one)."""
+    path = pathlib.Path(workdir) / PRIOR_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: fit it with `symat fit-prior --workdir {workdir}`")
+    return MixturePrior.load(path)
