@@ -15,7 +15,6 @@ import json
 import time
 
 import jax
-import numpy as np
 
 from symat_jax import configs, sampling
 from symat_jax.run import load_run
@@ -29,7 +28,7 @@ def measure(params, config, statics, cfg, num: int, bucket_multiple: int, seed: 
     res = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
                           batch_size=num, bucket_multiple=bucket_multiple, progress=False)
     total = time.perf_counter() - t0
-    steps = len(sampling.level_schedule(config.model, cfg)[0]) * cfg.steps_per_level
+    steps = len(sampling.level_schedule(config.model, cfg, statics.score_norm)[0]) * cfg.steps_per_level
     n = len(res.atom_types)
     return {
         "crystals": n,

@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=256, help="sampling batch")
     p.add_argument("--langevin-steps", type=int, default=None, help="steps per noise level (default 100)")
+    p.add_argument("--sampler-preset", default="default", choices=("paper", "default"),
+                   help="sampler preset (symat_jax.configs.get_sampler_config)")
     p.add_argument("--model-workdir", default=None)
     p.add_argument("--property-workdir", default=None)
     p.add_argument("--samples-dir", default=None)
@@ -111,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_property(pconfig, prop_dir, args.data_root, resume=(prop_dir / "property_config.json").exists())
         if not (samples_dir / "samples.npz").exists():
             log.info("stage 3: %d samples into %s", args.num_samples, samples_dir)
-            run_sample(str(model_dir), args.num_samples, str(samples_dir), args.batch_size, steps=args.langevin_steps)
+            run_sample(str(model_dir), args.num_samples, str(samples_dir), preset=args.sampler_preset,
+                       batch_size=args.batch_size, steps_per_level=args.langevin_steps)
         log.info("stage 4: evaluation")
         report = run_evaluate(str(samples_dir), args.dataset, str(root / "metrics.json"),
                               property_model=str(prop_dir), data_root=args.data_root)

@@ -9,7 +9,9 @@ import sys
 import time
 from typing import Sequence
 
+from symat_jax.configs import DEFAULT_SAMPLER_PRESET, SAMPLER_PRESETS
 from symat_jax.data import registry
+from symat_jax.prior import PRIOR_KINDS
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -96,14 +98,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--num", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--preset", choices=SAMPLER_PRESETS, default=DEFAULT_SAMPLER_PRESET,
+                   help="sampler preset: 'paper' is SPEC 4 exactly; 'default' the best measured setting")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--levels", type=int, default=None, help="noise levels used (default 50)")
-    p.add_argument("--langevin-steps", type=int, default=None, help="steps per level (default 100)")
-    p.add_argument("--step-size", type=float, default=None, help="base step size (default 1e-4)")
+    p.add_argument("--levels", type=int, default=None, help="noise levels used (paper: 50)")
+    p.add_argument("--langevin-steps", type=int, default=None, help="steps per level (paper: 100)")
+    p.add_argument("--step-size", type=float, default=None, help="base step size (paper: 1e-4)")
+    p.add_argument("--prior", choices=PRIOR_KINDS, default=None,
+                   help="latent prior: 'standard' N(0, T^2 I) or 'gmm' (the run's fitted prior.npz)")
+    p.add_argument("--final-denoise", dest="final_denoise", action="store_true", default=None,
+                   help="end with a noise-free step to the expected clean positions")
+    p.add_argument("--no-final-denoise", dest="final_denoise", action="store_false")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decode", choices=("argmax", "sample"), default="argmax")
-    p.add_argument("--decode-temperature", type=float, default=1.0)
-    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument("--decode", choices=("argmax", "sample"), default=None)
+    p.add_argument("--decode-temperature", type=float, default=None)
+    p.add_argument("--checkpoint", choices=("best", "latest"), default=None,
+                   help="which checkpoint (default: the preset's choice)")
+    p = sub.add_parser("fit-prior", help="fit the latent prior of a trained run to its encoded training set")
+    _add_data_args(p)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="latest")
     p = sub.add_parser("train-property", help="train the property model used by the evaluation's property EMD")
     _add_data_args(p)
     p.add_argument("--workdir", required=True)
@@ -131,9 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "sample":
             from symat_jax.generate_cli import run_sample
 
-            summary = run_sample(args.workdir, args.num, args.out, args.batch_size, args.levels, args.langevin_steps,
-                                 args.step_size, args.seed, args.decode, args.decode_temperature, args.checkpoint)
+            summary = run_sample(
+                args.workdir, args.num, args.out, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
+                checkpoint=args.checkpoint, num_levels=args.levels, steps_per_level=args.langevin_steps,
+                step_size=args.step_size, prior=args.prior, final_denoise=args.final_denoise, decode=args.decode,
+                decode_temperature=args.decode_temperature,
+            )
             print(json.dumps(summary, indent=1))
+        elif args.command == "fit-prior":
+            from symat_jax.latents import fit_prior
+
+            print(json.dumps(fit_prior(args.workdir, args.data_root, args.checkpoint), indent=1))
         elif args.command == "train-property":
             from symat_jax.configs import get_property_config
             from symat_jax.property_model import train_property

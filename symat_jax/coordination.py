@@ -13,18 +13,9 @@ from typing import Any
 import numpy as np
 
 from symat_jax.crystal_sets import CrystalSet
+from symat_jax.geometry import lattice_matrix_np
 
 BOND_CUTOFF = 1.8  # A: a C-C bond (graphite 1.42, diamond 1.54, carbon-24 test split 1.37-1.52)
-
-
-def _lattice(lengths: np.ndarray, angles: np.ndarray) -> np.ndarray:
-    """Return the ``[3, 3]`` lattice matrix of SPEC 1's convention (pymatgen's ``from_parameters``), float64."""
-    a, b, c = lengths
-    ca, cb, cg = np.cos(np.deg2rad(angles))
-    sa, sb = np.sin(np.deg2rad(angles[:2]))
-    gamma_star = np.arccos(np.clip((ca * cb - cg) / (sa * sb), -1.0, 1.0))
-    return np.array([[a * sb, 0.0, a * cb], [-b * sa * np.cos(gamma_star), b * sa * np.sin(gamma_star), b * ca],
-                     [0.0, 0.0, c]])
 
 
 def neighbor_distances(frac: np.ndarray, lattice: np.ndarray, cutoff: float) -> list[np.ndarray]:
@@ -48,7 +39,7 @@ def local_structure(crystals: CrystalSet, cutoff: float = BOND_CUTOFF, nn_cutoff
     coord, nn = [], []
     for i in range(len(crystals)):
         types, lengths, angles, frac = crystals.crystal(i)
-        lat = _lattice(np.asarray(lengths, float), np.asarray(angles, float))
+        lat = lattice_matrix_np(lengths, angles)
         if not np.all(np.isfinite(lat)) or abs(np.linalg.det(lat)) < 1e-3:
             continue
         for row in neighbor_distances(np.asarray(frac, float), lat, max(cutoff, nn_cutoff)):

@@ -13,7 +13,8 @@ from pymatgen.io.cif import CifWriter
 
 from symat_jax import configs, sampling
 from symat_jax.data.canonical import to_structure
-from symat_jax.run import load_run
+from symat_jax.run import load_prior, load_run
+from symat_jax.run import read_config as load_run_config
 
 
 def write_samples(result: sampling.SampleResult, out: str | pathlib.Path, cif: bool = True) -> pathlib.Path:
@@ -33,29 +34,32 @@ def run_sample(
     workdir: str,
     num: int,
     out: str,
+    *,
+    preset: str = configs.DEFAULT_SAMPLER_PRESET,
     batch_size: int = 256,
-    levels: int | None = None,
-    steps: int | None = None,
-    step_size: float | None = None,
     seed: int = 0,
-    decode: str = "argmax",
-    decode_temperature: float = 1.0,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Sample ``num`` crystals from the run in ``workdir`` into ``out``; return a summary."""
-    config, statics, params, meta = load_run(workdir, checkpoint)
-    overrides = {k: v for k, v in (("num_levels", levels), ("steps_per_level", steps), ("step_size", step_size))
-                 if v is not None}
-    cfg = configs.get_sampler_config(config.dataset, "paper", decode=decode, decode_temperature=decode_temperature,
-                                     **overrides)
+    """Sample ``num`` crystals from the run in ``workdir`` into ``out``; return a summary.
+
+    ``preset`` names a sampler preset (:func:`symat_jax.configs.get_sampler_config`);
+    ``overrides`` replace its fields (``None`` values are ignored). ``checkpoint``
+    (best or latest) defaults to the preset's choice.
+    """
+    config = load_run_config(workdir)
+    cfg = configs.get_sampler_config(config.dataset, preset, **{k: v for k, v in overrides.items() if v is not None})
+    config, statics, params, meta = load_run(workdir, checkpoint or configs.sampler_checkpoint(preset))
+    prior = load_prior(workdir) if cfg.prior == "gmm" else None
     t0 = time.perf_counter()
     result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
-                             batch_size=batch_size)
+                             batch_size=batch_size, prior=prior)
     write_samples(result, out)
     counts = np.bincount([len(t) for t in result.atom_types], minlength=config.model.max_atoms + 1)
     summary = {
         "workdir": str(workdir),
         "checkpoint_epoch": int(meta["epoch"]) + 1,
+        "preset": preset,
         "num_requested": num,
         "num_written": len(result.atom_types),
         "num_rejected": len(result.rejects),

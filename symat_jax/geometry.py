@@ -78,6 +78,19 @@ def reciprocal_norms(lattice: Array) -> Array:
 MIN_VOLUME_PER_ATOM = 0.1
 
 
+def lattice_matrix_np(lengths: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """Return the ``[3, 3]`` float64 lattice matrix of one cell (host-side twin of :func:`lattice_matrix`).
+
+    Equals pymatgen's ``Lattice.from_parameters`` (SPEC 1), without importing pymatgen.
+    """
+    a, b, c = np.asarray(lengths, np.float64)
+    ca, cb, cg = np.cos(np.deg2rad(np.asarray(angles, np.float64)))
+    sa, sb = np.sin(np.deg2rad(np.asarray(angles, np.float64)[:2]))
+    gamma_star = np.arccos(np.clip((ca * cb - cg) / (sa * sb), -1.0, 1.0))
+    return np.array([[a * sb, 0.0, a * cb], [-b * sa * np.cos(gamma_star), b * sa * np.sin(gamma_star), b * ca],
+                     [0.0, 0.0, c]])
+
+
 def volume_factor(angles_deg: np.ndarray) -> float:
     """Return ``(V / (a b c))^2`` for cell angles in degrees (<= 0 for an impossible cell; host-side)."""
     ca, cb, cg = np.cos(np.deg2rad(np.asarray(angles_deg, dtype=np.float64)))

@@ -1,6 +1,6 @@
 """Training batches on the host: padded encoder graphs in a few fixed budgets, dense crystals, invariant targets.
 
-Host-side (numpy, pymatgen): a batch leaves here as numpy arrays and a padded
+Host-side (numpy): a batch leaves here as numpy arrays and a padded
 ``jraph.GraphsTuple``; :mod:`symat_jax.graphs` turns it into the networks'
 edge graph inside jit. The flow of one training batch: ``CrystalDataset``
 (:mod:`symat_jax.data`) -> :func:`epoch_batches` (budgets, encoder graph,
@@ -15,9 +15,9 @@ from typing import Any, Iterator, Sequence
 
 import jraph
 import numpy as np
-from pymatgen.core import Lattice
 
 from symat_jax.data.dataset import CrystalDataset
+from symat_jax.geometry import lattice_matrix_np
 from symat_jax.run import LatticeStandardizer
 
 Batch = dict[str, Any]
@@ -110,7 +110,7 @@ def encoder_batch(dataset: CrystalDataset, indices: Sequence[int], budget: PadBu
     edge_owner = np.repeat(np.arange(len(sub)), sub.num_edges)
     senders = sub.edge_index[:, 0] + starts[edge_owner]
     receivers = sub.edge_index[:, 1] + starts[edge_owner]
-    lattices = np.stack([Lattice.from_parameters(*l, *a).matrix for l, a in zip(sub.lengths, sub.angles)])
+    lattices = np.stack([lattice_matrix_np(l, a) for l, a in zip(sub.lengths, sub.angles)])
     graph = jraph.GraphsTuple(
         nodes={
             "atomic_numbers": sub.atomic_numbers.astype(np.int32),

@@ -31,8 +31,8 @@ def count_ce(logits: Array, counts: Array, mask: Array) -> Array:
 
 
 def coordinate_score_loss(pred: Array, target: Array, atom_mask: Array) -> Array:
-    """Return ``[b]`` squared error of per-atom vectors ``[b, n, 3]``, summed over xyz, mean over real atoms."""
-    err = jnp.sum((pred - target) ** 2, axis=-1)
+    """Return ``[b]`` squared error of per-atom vectors ``[b, n, 3]``, averaged over x, y, z and over real atoms (SPEC 3)."""
+    err = jnp.mean((pred - target) ** 2, axis=-1)
     return jnp.sum(jnp.where(atom_mask, err, 0.0), axis=-1) / jnp.maximum(jnp.sum(atom_mask, axis=-1), 1)
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from symat_jax import graphs, score
 from symat_jax.configs import ModelConfig
-from symat_jax.networks import MLP, NUM_ELEMENTS, SphereNet
+from symat_jax.networks import MLP, NUM_ELEMENTS, SphereNet, unit_variance_uniform
 from symat_jax.neighbors import NeighborList
 
 Array = jax.Array
@@ -75,7 +75,8 @@ class SyMat(nn.Module):
         if c.latent_comp != c.encoder.hidden:
             raise ValueError("latent_comp must equal the encoder hidden size: counts use z_comp * emb(e)")
         h = c.decoder_hidden
-        self.atom_embed = nn.Embed(NUM_ELEMENTS + 1, c.encoder.hidden)
+        init = {"unit_uniform": unit_variance_uniform, "flax": nn.Embed.embedding_init}[c.embed_init]
+        self.atom_embed = nn.Embed(NUM_ELEMENTS + 1, c.encoder.hidden, embedding_init=init)
         self.encoder = SphereNet(c.encoder, embed=self.atom_embed)
         self.latent_head = GaussianHead(c.latent_comp + c.latent_pos)
         self.lattice_encoder = MLP((h, h))
@@ -84,7 +85,7 @@ class SyMat(nn.Module):
         self.element_decoder = MLP((h, NUM_ELEMENTS))
         self.count_decoder = MLP((h, c.max_atoms))
         self.lattice_decoder = MLP((h, 6))
-        self.score_embed = nn.Embed(NUM_ELEMENTS + 1, c.score_net.hidden)
+        self.score_embed = nn.Embed(NUM_ELEMENTS + 1, c.score_net.hidden, embedding_init=init)
         self.score_net = SphereNet(c.score_net, embed=self.score_embed)
         self.score_head = MLP((h, 1))
 

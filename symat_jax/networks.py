@@ -78,6 +78,11 @@ def triplet_geometry(g: EdgeGraph, t: Triplets) -> tuple[Array, Array]:
     return angle, torsion
 
 
+def unit_variance_uniform(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    """Return values uniform in [-sqrt(3), sqrt(3)] (variance 1): the reference's atom-embedding init."""
+    return jax.random.uniform(key, shape, dtype, -(3.0**0.5), 3.0**0.5)
+
+
 def swish(x: Array) -> Array:
     """Return ``x * sigmoid(x)``."""
     return jax.nn.silu(x)
@@ -219,7 +224,7 @@ class SphereNet(nn.Module):
 
     @nn.compact
     def __call__(self, g: EdgeGraph, num_graphs: int) -> tuple[Array, Array]:
-        """Return ``(graph embedding [num_graphs, out_channels], final edge features [e, hidden])``."""
+        """Return ``(graph embedding [num_graphs, out_channels], the last interaction's radially gated edge features e2 [e, hidden])``."""
         c = self.config
         t = triplets(g)
         rbf, sbf, tbf = edge_bases(g, t, c)
@@ -234,7 +239,7 @@ class SphereNet(nn.Module):
             if c.graph_output:
                 v = UpdateNodes(c, name=f"out_{layer + 1}")(e2, g)
                 u = u + jax.ops.segment_sum(v, g.node_graph, num_segments=num_graphs)
-        return u, jnp.where(g.edge_mask[:, None], e1, 0.0)
+        return u, jnp.where(g.edge_mask[:, None], e2, 0.0)
 
 
 class MLP(nn.Module):

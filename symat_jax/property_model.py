@@ -35,7 +35,7 @@ from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import load_split, registry
 from symat_jax.neighbors import nearest_with_ties, periodic_neighbors, required_image_range
 from symat_jax.networks import NUM_ELEMENTS, SphereNet, swish
-from symat_jax.run import TrainState
+from symat_jax.run import TrainState, stream_key
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -249,7 +249,7 @@ def train_property(
     dense = train.dense(config.max_atoms)
     target = (y_train - stats.mean) / stats.std
     first, _ = next(_dense_batches(dense, np.arange(len(train)), config.batch_size, {"target": target}))
-    state = init(jax.random.PRNGKey(config.seed), first)
+    state = init(stream_key(config.seed, "params"), first)
 
     start = start_run(workdir, config.keep_checkpoints, state, resume, "best_val_mae")
 

@@ -39,6 +39,14 @@ METRICS_FILE = "metrics.jsonl"
 PRIOR_FILE = "prior.npz"
 PRIOR_REPORT_FILE = "prior.json"
 CHECKPOINT_CHOICES = ("best", "latest")
+# The random streams of a run, each derived from the seed with its own fold_in,
+# so no two uses of randomness share a key (and resume re-derives them all).
+RANDOM_STREAMS = {"params": 0, "steps": 1, "score_norm": 2, "validation": 3, "prior": 4}
+
+
+def stream_key(seed: int, stream: str) -> Array:
+    """Return the PRNG key of a named random stream of the run with ``seed``."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), RANDOM_STREAMS[stream])
 
 
 @flax.struct.dataclass
@@ -178,3 +186,33 @@ def load_prior(workdir: str | pathlib.Path) -> MixturePrior:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: fit it with `symat fit-prior --workdir {workdir}`")
     return MixturePrior.load(path)
+
+
+def export_params(workdir: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib.Path:
+    """Write a light copy of a run into ``dest``: its files and the parameters of its best and latest checkpoints.
+
+    No optimiser state (a third of the size): the copy samples and evaluates
+    like the original but cannot resume training. Refuses an existing ``dest``.
+    """
+    import shutil
+
+    workdir, dest = pathlib.Path(workdir), pathlib.Path(dest)
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists; export into a new folder")
+    read_config(workdir)  # fails early on a folder that holds no run
+    dest.mkdir(parents=True)
+    for name in (CONFIG_FILE, STATICS_FILE, SCORE_NORM_FILE, METRICS_FILE, PRIOR_FILE, PRIOR_REPORT_FILE):
+        if (workdir / name).exists():
+            shutil.copy2(workdir / name, dest / name)
+    src = RunCheckpoints(workdir)
+    out = RunCheckpoints(dest, keep=1)
+    try:
+        best_state, best_meta = src.restore_raw(best=True)
+        last_state, last_meta = src.restore_raw(best=False)
+        out.save(int(best_meta["epoch"]), {"params": best_state["params"]}, best_meta, is_best=True)
+        if int(last_meta["epoch"]) != int(best_meta["epoch"]):
+            out.save(int(last_meta["epoch"]), {"params": last_state["params"]}, last_meta, is_best=False)
+    finally:
+        src.close()
+        out.close()
+    return dest

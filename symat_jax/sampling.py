@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ from symat_jax import geometry, score
 from symat_jax.configs import ModelConfig, SamplerConfig
 from symat_jax.model import SyMat, coordinate_scores, decode_composition
 from symat_jax.neighbors import required_image_range
+from symat_jax.prior import PRIOR_KINDS, MixturePrior, sample_mixture
 from symat_jax.run import RunStatics
 
 Array = jax.Array
@@ -55,8 +56,20 @@ class Latents(NamedTuple):
     z_lat: Array
 
 
-def sample_latents(key: Array, num: int, model: ModelConfig, cfg: SamplerConfig) -> Latents:
-    """Return latents ``~ N(0, T^2 I)`` with the config's temperatures."""
+def sample_latents(key: Array, num: int, model: ModelConfig, cfg: SamplerConfig,
+                   prior: MixturePrior | None = None) -> Latents:
+    """Return ``num`` latents: ``N(0, T^2 I)`` with the config's temperatures, or draws from a fitted mixture prior.
+
+    ``cfg.prior == "gmm"`` needs ``prior`` (the run's ``prior.npz``, :func:`symat_jax.run.load_prior`).
+    """
+    if cfg.prior == "gmm":
+        if prior is None:
+            raise ValueError("the sampler config asks for the fitted prior (prior='gmm') but none was given")
+        z = sample_mixture(prior, key, num, cfg.prior_temperature)
+        c, p = model.latent_comp, model.latent_pos
+        return Latents(z[:, :c], z[:, c : c + p], z[:, c + p :])
+    if cfg.prior != "standard":
+        raise ValueError(f"prior must be one of {PRIOR_KINDS}, got {cfg.prior!r}")
     kc, kp, kl = jax.random.split(key, 3)
     return Latents(
         cfg.temp_comp * jax.random.normal(kc, (num, model.latent_comp)),
@@ -84,11 +97,28 @@ def decode_crystals(
     return Decoded(types.astype(jnp.int32), num_atoms.astype(jnp.int32), lengths, lat[:, 3:])
 
 
-def level_schedule(model: ModelConfig, cfg: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(level indices high -> low [L], step sizes alpha_t [L])`` for the sampler config."""
+def level_schedule(model: ModelConfig, cfg: SamplerConfig, score_norm: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(level indices high -> low [L], step sizes alpha_t [L])`` for the sampler config.
+
+    ``step_schedule="paper"``: ``alpha_t = step_size (sigma_t / sigma_1)^2`` (SPEC 4).
+    ``"norm"``: ``alpha_t = step_fraction * norm(sigma_t)^2``. The network
+    predicts ``s ~ target / norm``, so a step ``alpha s / norm`` moves an atom
+    by ``alpha / norm^2`` of its predicted target: this schedule makes that
+    fraction the same at every level. The paper's schedule gives about 1/2 at
+    low levels, where ``norm ~ sqrt(2) sigma``, but ``sigma^2 / norm^2`` (24
+    at sigma = 10 on Carbon-24) at high ones, where ``norm`` levels off.
+    """
     sigmas = score.noise_levels(model.num_levels, model.sigma_min, model.sigma_max)
-    idx = np.unique(np.round(np.linspace(0, model.num_levels - 1, cfg.num_levels)).astype(int))[::-1]
-    alphas = cfg.step_size * (sigmas[idx] / sigmas[0]) ** 2
+    top = model.num_levels - 1 if cfg.top_level is None else cfg.top_level
+    if not 0 <= top < model.num_levels:
+        raise ValueError(f"top_level must be in 0..{model.num_levels - 1}, got {top}")
+    idx = np.unique(np.round(np.linspace(0, top, cfg.num_levels)).astype(int))[::-1]
+    if cfg.step_schedule == "paper":
+        alphas = cfg.step_size * (sigmas[idx] / sigmas[0]) ** 2
+    elif cfg.step_schedule == "norm":
+        alphas = cfg.step_fraction * np.asarray(score_norm, np.float64)[idx] ** 2
+    else:
+        raise ValueError(f"step_schedule must be 'paper' or 'norm', got {cfg.step_schedule!r}")
     return idx, alphas
 
 
@@ -103,7 +133,7 @@ def _langevin_step(
     z_pos: Array,
     alpha: Array,
     norm: Array,
-    temp: float,
+    temp: Array,
     model: ModelConfig,
     graph_config: score.ScoreGraphConfig,
 ) -> tuple[Array, Array]:
@@ -121,6 +151,50 @@ def initial_positions(key: Array, lattice: Array, atom_mask: Array) -> Array:
     return geometry.frac_to_cart(frac, lattice)
 
 
+def _constant_noise(cfg: SamplerConfig) -> bool:
+    """Return whether every level uses the same noise scale ``temp_coord`` (the paper setting)."""
+    return cfg.noise_schedule == "constant" and cfg.quiet_levels == 0
+
+
+def _noise_scales(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray, score_norm: Sequence[float]) -> Array:
+    """Return ``[L]`` the Langevin noise scale of each level of the schedule (0 on the quiet levels)."""
+    sigmas = score.noise_levels(model.num_levels, model.sigma_min, model.sigma_max)[levels]
+    if cfg.noise_schedule == "constant":
+        temps = np.full(len(levels), cfg.temp_coord)
+    elif cfg.noise_schedule == "sigma":
+        temps = cfg.temp_coord * sigmas / np.asarray(score_norm, np.float64)[levels]
+    else:
+        raise ValueError(f"noise_schedule must be 'constant' or 'sigma', got {cfg.noise_schedule!r}")
+    quiet = np.arange(len(levels)) >= len(levels) - cfg.quiet_levels
+    return jnp.asarray(np.where(quiet, 0.0, temps), jnp.float32)
+
+
+def denoise(
+    params: Any,
+    x: Array,
+    *,
+    lattice: Array,
+    atom_types: Array,
+    atom_mask: Array,
+    z_pos: Array,
+    norm: Array,
+    scale: float,
+    model: ModelConfig,
+    graph_config: score.ScoreGraphConfig,
+) -> Array:
+    """Return ``[b, n, 3]`` the expected clean positions ``x + scale * norm(sigma) * s(x)`` (wrapped), a Tweedie step.
+
+    The network's per-atom output ``s`` estimates the per-atom target divided
+    by ``norm(sigma)`` (SPEC 3); the target is the bond-length correction that
+    moves the noisy atom towards its clean position, so ``norm(sigma) * s`` is
+    the model's estimate of the displacement still to go. The target sums the
+    corrections along up to K bonds, which can exceed the displacement itself:
+    ``scale`` (< 1) compensates (measured in ``experiments/recovery.py``).
+    """
+    s, _ = coordinate_scores(params, model, x, lattice, atom_types, atom_mask, z_pos, graph_config=graph_config)
+    return jax.vmap(geometry.wrap_cart)(x + scale * norm * s, lattice, atom_mask)
+
+
 def langevin(
     params: Any,
     key: Array,
@@ -133,13 +207,17 @@ def langevin(
     model: ModelConfig,
     cfg: SamplerConfig,
     max_images: tuple[int, int, int] | None = None,
+    x0: Array | None = None,
     python_loop: bool = False,
 ) -> tuple[Array, Array]:
     """Return ``(fractional coordinates [b, n, 3], neighbour-list overflow [b])`` after annealed Langevin dynamics.
 
     ``atom_types``/``atom_mask [b, n]``, ``lattice [b, 3, 3]``, ``z_pos [b, latent_pos]``.
     One program: ``lax.scan`` over the levels (high to low noise),
-    ``fori_loop`` over the steps of each level; shapes are fixed.
+    ``fori_loop`` over the steps of each level; shapes are fixed. The chain
+    starts uniform in the cell, or at cartesian ``x0 [b, n, 3]``; the last
+    ``cfg.quiet_levels`` levels run without noise and ``cfg.final_denoise``
+    ends with :func:`denoise` at the lowest level.
     ``max_images`` (default: the training set's range, ``statics.max_images``)
     bounds the periodic images searched; a lattice that needs more raises the
     overflow flag. ``python_loop=True`` runs the same steps one jitted step at
@@ -147,33 +225,41 @@ def langevin(
     """
     images = tuple(statics.max_images if max_images is None else max_images)
     graph_config = score.ScoreGraphConfig(model.score_cutoff, model.score_neighbors, images)
-    levels, alphas = level_schedule(model, cfg)
+    levels, alphas = level_schedule(model, cfg, statics.score_norm)
     alphas = jnp.asarray(alphas, jnp.float32)
     norms = jnp.asarray(statics.score_norm, jnp.float32)[levels]
+    temps = _noise_scales(model, cfg, levels, statics.score_norm)
     k0, kl = jax.random.split(key)
     level_keys = jax.random.split(kl, len(levels))
-    carry = (initial_positions(k0, lattice, atom_mask), jnp.zeros(atom_mask.shape[0], bool))
+    start = initial_positions(k0, lattice, atom_mask) if x0 is None else x0
+    carry = (start, jnp.zeros(atom_mask.shape[0], bool))
     inputs = dict(lattice=lattice, atom_types=atom_types, atom_mask=atom_mask, z_pos=z_pos)
-    settings = dict(temp=cfg.temp_coord, model=model, graph_config=graph_config)
+    settings = dict(model=model, graph_config=graph_config)
 
-    def step(i, c, alpha, norm, lkey, step_fn=_langevin_step):
+    def step(i, c, alpha, norm, temp, lkey, step_fn=_langevin_step):
         x, overflow = c
-        x, ovf = step_fn(params, x, jax.random.fold_in(lkey, i), alpha=alpha, norm=norm, **inputs, **settings)
+        # The paper setting's noise scale is a constant, folded into the program exactly as SPEC 4 writes
+        # it (a traced scale changes float rounding in the last bits).
+        temp = cfg.temp_coord if _constant_noise(cfg) else temp
+        x, ovf = step_fn(params, x, jax.random.fold_in(lkey, i), alpha=alpha, norm=norm, temp=temp, **inputs,
+                         **settings)
         return x, overflow | ovf
 
     if python_loop:
-        jitted = jax.jit(_langevin_step, static_argnames=tuple(settings))
+        jitted = jax.jit(_langevin_step, static_argnames=tuple(settings) + (("temp",) if _constant_noise(cfg) else ()))
         for li in range(len(levels)):
             for i in range(cfg.steps_per_level):
-                carry = step(i, carry, alphas[li], norms[li], level_keys[li], jitted)
+                carry = step(i, carry, alphas[li], norms[li], temps[li], level_keys[li], jitted)
     else:
         def level(c, xs):
-            alpha, norm, lkey = xs
-            body = functools.partial(step, alpha=alpha, norm=norm, lkey=lkey)
+            alpha, norm, temp, lkey = xs
+            body = functools.partial(step, alpha=alpha, norm=norm, temp=temp, lkey=lkey)
             return jax.lax.fori_loop(0, cfg.steps_per_level, body, c), None
 
-        carry, _ = jax.lax.scan(level, carry, (alphas, norms, level_keys))
+        carry, _ = jax.lax.scan(level, carry, (alphas, norms, temps, level_keys))
     x, overflow = carry
+    if cfg.final_denoise:
+        x = denoise(params, x, norm=norms[-1], scale=cfg.denoise_scale, **inputs, **settings)
     frac = jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(x, lattice), atom_mask)
     return jnp.where(atom_mask[..., None], frac, 0.0), overflow
 
@@ -199,10 +285,14 @@ def generate(
     model: ModelConfig,
     cfg: SamplerConfig,
     max_images: tuple[int, int, int] | None = None,
+    prior: MixturePrior | None = None,
 ) -> Generated:
-    """Return ``num`` generated crystals, all padded to ``max_atoms`` (jittable with ``num`` and the keywords static)."""
+    """Return ``num`` generated crystals, all padded to ``max_atoms`` (jittable: ``num`` and the configs static).
+
+    ``prior`` (an array pytree, not static) is the run's fitted mixture, used when ``cfg.prior == "gmm"``.
+    """
     kz, kd, kx = jax.random.split(key, 3)
-    z = sample_latents(kz, num, model, cfg)
+    z = sample_latents(kz, num, model, cfg, prior)
     dec = decode_crystals(params, z, kd, model=model, cfg=cfg, statics=statics)
     mask = dec.atom_types > 0
     lattice = geometry.lattice_matrix(dec.lengths, dec.angles)
@@ -255,11 +345,11 @@ _LANGEVIN_CACHE: dict[Any, Any] = {}
 
 
 def _jitted_decode(model: ModelConfig, cfg: SamplerConfig, statics: RunStatics):
-    """Return a jitted ``(params, kz, kd, num) -> (Decoded, z_pos)`` for static configs."""
+    """Return a jitted ``(params, kz, kd, num, prior) -> (Decoded, z_pos)`` for static configs."""
     key = (model, cfg, statics)
     if key not in _DECODE_CACHE:
-        def run(params, kz, kd, num):
-            z = sample_latents(kz, num, model, cfg)
+        def run(params, kz, kd, num, prior):
+            z = sample_latents(kz, num, model, cfg, prior)
             return decode_crystals(params, z, kd, model=model, cfg=cfg, statics=statics), z.z_pos
         _DECODE_CACHE[key] = jax.jit(run, static_argnums=(3,))
     return _DECODE_CACHE[key]
@@ -290,6 +380,7 @@ def sample(
     batch_size: int = 256,
     bucket_multiple: int = 4,
     progress: bool = True,
+    prior: MixturePrior | None = None,
 ) -> SampleResult:
     """Return ``num`` crystals sampled in size buckets and chunks of ``batch_size``; rejects are listed, never dropped.
 
@@ -303,7 +394,7 @@ def sample(
     parts = []
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
-        dec, z_pos = decode(params, jax.random.fold_in(kz, start), jax.random.fold_in(kd, start), b)
+        dec, z_pos = decode(params, jax.random.fold_in(kz, start), jax.random.fold_in(kd, start), b, prior)
         parts.append([np.asarray(x) for x in (dec.atom_types, dec.num_atoms, dec.lengths, dec.angles, z_pos)])
     types, n, lengths, angles, z_pos = (np.concatenate(p) for p in zip(*parts))
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from symat_jax import geometry, graphs, losses, loop, run, score
+from symat_jax import geometry, graphs, latents, losses, loop, run, score
 from symat_jax.checkpoints import start_run
 from symat_jax.configs import TrainConfig
 from symat_jax.data import CrystalDataset, load_split
@@ -61,7 +61,7 @@ class Trainer:
 
     def init_state(self, batch: Batch, seed: int) -> TrainState:
         """Return a fresh train state; ``batch`` only provides shapes."""
-        key = jax.random.PRNGKey(seed)
+        key = run.stream_key(seed, "steps")
         enc = graphs.encoder_edge_graph(batch["enc"])
         b = batch["crystal_mask"].shape[0]
         _, noisy, lattice, _ = self._noisy_positions(batch, key)
@@ -69,7 +69,7 @@ class Trainer:
             noisy, lattice, jnp.asarray(batch["atom_mask"]))
         sg, _ = graphs.score_edge_graph(nl, jnp.asarray(batch["atomic_numbers"]), jnp.asarray(batch["atom_mask"]),
                                         self._num_nodes(batch))
-        params = self.model.init(jax.random.fold_in(key, 1), enc, jnp.asarray(batch["lattice_std"]), b + 1, sg, b)
+        params = self.model.init(run.stream_key(seed, "params"), enc, jnp.asarray(batch["lattice_std"]), b + 1, sg, b)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), key=key)
 
     # -- forward -------------------------------------------------------------
@@ -238,7 +238,7 @@ def compute_statics(config: TrainConfig, train: CrystalDataset, progress: bool =
         dense["atom_mask"],
         score.ScoreGraphConfig(m.score_cutoff, m.score_neighbors, images),
         score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max),
-        jax.random.PRNGKey(config.seed + 12345),
+        run.stream_key(config.seed, "score_norm"),
         progress=progress,
     )
     return RunStatics(tuple(float(x) for x in norm), images, max_elements(train),
@@ -246,10 +246,10 @@ def compute_statics(config: TrainConfig, train: CrystalDataset, progress: bool =
 
 
 def evaluate(trainer: Trainer, params: Any, data: CrystalDataset, budgets: list[PadBudget], seed: int) -> dict[str, float]:
-    """Return the metrics of ``data`` at the posterior means (fixed noise draws from ``seed``)."""
+    """Return the metrics of ``data`` at the posterior means (fixed noise draws: the run's validation stream)."""
     rows, weights = [], []
     for i, (batch, weight) in enumerate(trainer.batches(data, np.arange(len(data)), budgets)):
-        rows.append(trainer.eval_step(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+        rows.append(trainer.eval_step(params, batch, jax.random.fold_in(run.stream_key(seed, "validation"), i)))
         weights.append(weight)
     return loop.weighted_means(rows, weights, COUNTERS)
 
@@ -304,7 +304,7 @@ def train(
         if train_metrics["skipped"]:
             log.warning("%d steps had a non-finite loss or gradient; their updates were skipped, the state kept",
                         int(train_metrics["skipped"]))
-        val_metrics = evaluate(trainer, state.params, val_data, val_budgets, config.seed + 999)
+        val_metrics = evaluate(trainer, state.params, val_data, val_budgets, config.seed)
         seconds = round(time.perf_counter() - t0, 3)
         record = {
             "step": int(state.step),
@@ -325,4 +325,9 @@ def train(
         batches=lambda order: trainer.batches(train_data, order, budgets), train_step=trainer.train_step,
         end_epoch=end_epoch, best_key="best_val_loss", desc="epoch", progress=progress,
     )
+    # The trained run is complete without it: a failed fit leaves every checkpoint in place.
+    try:
+        latents.fit_prior(workdir, checkpoint="latest", datasets=(train_data, val_data), progress=progress)
+    except Exception as err:  # noqa: BLE001  (sklearn and linear algebra raise several types)
+        log.warning("could not fit the latent prior (%s); fit it later with `symat fit-prior --workdir %s`", err, workdir)
     return last

@@ -99,3 +99,19 @@ def test_non_finite_step_is_skipped_and_compilations_are_bounded(full_run, tiny_
         np.testing.assert_array_equal(x, y)
     state, metrics = trainer.train_step(state, batch)
     assert int(metrics["skipped"]) == 0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_training_fits_the_prior_and_a_light_export_samples_like_the_run(full_run, tmp_path):
+    workdir, _ = full_run
+    report = json.loads((workdir / run.PRIOR_REPORT_FILE).read_text())
+    assert report["num_train"] == 24 and report["checkpoint"] == "latest"
+    prior = run.load_prior(workdir)
+    assert prior.means.shape[1] == report["dim"] and np.isclose(float(prior.weights.sum()), 1.0, atol=1e-5)
+    light = run.export_params(workdir, tmp_path / "light")
+    for checkpoint in run.CHECKPOINT_CHOICES:
+        a, b = run.load_run(workdir, checkpoint), run.load_run(light, checkpoint)
+        assert a.meta["epoch"] == b.meta["epoch"] and a.config == b.config and a.statics == b.statics
+        for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(FileExistsError):
+        run.export_params(workdir, light)

@@ -1,13 +1,20 @@
-"""Canonical form of a crystal (SPEC 1), computed on the host with pymatgen and numpy."""
+"""Canonical form of a crystal (SPEC 1), computed on the host with pymatgen and numpy.
+
+pymatgen is imported where it is used, so reading a cached dataset (and
+training from it, on a machine without pymatgen) does not need it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
-from pymatgen.core import Lattice, Structure
+from typing import TYPE_CHECKING
 
-from symat_jax.geometry import MIN_VOLUME_PER_ATOM, cell_defect
+from symat_jax.geometry import MIN_VOLUME_PER_ATOM, cell_defect, lattice_matrix_np
+
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
 
 MAX_ATOMIC_NUMBER = 100
 _SPREAD_TIE_TOL = 1e-9
@@ -41,7 +48,7 @@ class CanonicalCrystal:
 
     def lattice(self) -> np.ndarray:
         """Return the [3, 3] lattice matrix (rows are lattice vectors)."""
-        return Lattice.from_parameters(*self.lengths, *self.angles).matrix
+        return lattice_matrix_np(self.lengths, self.angles)
 
     def to_structure(self) -> Structure:
         """Return the crystal as a pymatgen Structure."""
@@ -53,6 +60,8 @@ def to_structure(atom_types: np.ndarray, lengths: np.ndarray, angles: np.ndarray
 
     The one crystal -> Structure builder (datasets, written samples, evaluation).
     """
+    from pymatgen.core import Lattice, Structure
+
     return Structure(
         Lattice.from_parameters(*lengths, *angles), np.asarray(atom_types).tolist(), frac_coords, coords_are_cartesian=False
     )
@@ -123,6 +132,8 @@ def canonicalize(structure: Structure, max_atoms: int) -> CanonicalCrystal:
     angles = np.asarray(reduced.lattice.angles, dtype=np.float64)
     if not (np.all(np.isfinite(lengths)) and np.all(np.isfinite(angles))):
         raise BadCrystalError("NaN lattice after Niggli reduction")
+    from pymatgen.core import Lattice
+
     rebuilt = Lattice.from_parameters(*lengths, *angles)
     if abs(rebuilt.volume) < MIN_VOLUME_PER_ATOM * len(reduced):
         raise BadCrystalError("degenerate lattice after Niggli reduction")

@@ -1,0 +1,92 @@
+"""Sampling stage of the quality study: every sampler variant from one run into ``ROOT/<variant>/``.
+
+``python -m experiments.quality_sample --workdir RUN --root ROOT [--num 1000] [--variants paper gmm ...]``
+
+Writes ``samples.npz`` (CDVAE layout), ``rejects.json`` and ``summary.json``
+per variant, skipping variants already sampled (resumable). Needs neither
+pymatgen nor the data files, so it runs as a batch job on an accelerator;
+``experiments.quality_study`` scores the folders on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from symat_jax import configs, run, sampling
+
+log = logging.getLogger("quality_sample")
+
+# name -> (sampler preset, checkpoint, overrides); each row adds one change to the one above it.
+LANGEVIN = dict(step_schedule="norm", noise_schedule="sigma", temp_coord=1.0)
+VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "paper": ("paper", "best", {}),
+    "paper_latest": ("paper", "latest", {}),
+    "gmm": ("paper", "latest", dict(prior="gmm")),
+    "gmm_langevin": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, **LANGEVIN)),
+    "gmm_langevin_denoise": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, final_denoise=True,
+                                                     denoise_scale=0.35, **LANGEVIN)),
+    "gmm_langevin_quiet": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, quiet_levels=10, **LANGEVIN)),
+    "default_50x10": ("default", "latest", dict(steps_per_level=10)),
+    "default_25x10": ("default", "latest", dict(num_levels=25, steps_per_level=10)),
+}
+
+
+def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, num: int, batch_size: int,
+                   bucket_multiple: int, seed: int) -> dict[str, Any]:
+    """Sample ``num`` crystals with variant ``name`` into ``out``; return its summary."""
+    preset, checkpoint, overrides = VARIANTS[name]
+    config, statics, params, meta = run.load_run(workdir, checkpoint)
+    cfg = configs.get_sampler_config(config.dataset, preset, **overrides)
+    prior = run.load_prior(workdir) if cfg.prior == "gmm" else None
+    t0 = time.perf_counter()
+    result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
+                             batch_size=batch_size, bucket_multiple=bucket_multiple, prior=prior, progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "samples.npz", **result.to_cdvae())
+    (out / "rejects.json").write_text(json.dumps(result.rejects, indent=1))
+    summary = {
+        "variant": name, "preset": preset, "checkpoint": checkpoint, "checkpoint_epoch": int(meta["epoch"]) + 1,
+        "num_requested": num, "num_written": len(result.atom_types), "num_rejected": len(result.rejects),
+        "neighbor_overflow": int(result.overflow.sum()), "compile_seconds": round(result.compile_seconds, 2),
+        "run_seconds": round(result.run_seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
+        "device": jax.devices()[0].device_kind,
+        "sampler": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Sample every requested variant and print one summary line each."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--root", required=True)
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--bucket-multiple", type=int, default=4, help="atom-count buckets (max_atoms: one program)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root = pathlib.Path(args.root)
+    for name in args.variants:
+        if (root / name / "summary.json").exists():
+            log.info("%s: already sampled", name)
+            continue
+        s = sample_variant(args.workdir, name, root / name, args.num, args.batch_size, args.bucket_multiple, args.seed)
+        print(json.dumps({k: s[k] for k in ("variant", "num_written", "num_rejected", "compile_seconds",
+                                             "run_seconds", "device")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The quality study: sample every sampler variant from one run, score each as CDVAE and as a chemist, one table.
+
+``python -m experiments.quality_study --dataset carbon_24 --workdir RUN --root ROOT --data-root D
+[--num 1000] [--variants ...] [--property-model P] [--skip-sampling]``
+
+Stages (each skipped when its output exists, so an interrupted study resumes):
+sampling (``experiments.quality_sample``; runs anywhere, also as a batch job on
+an accelerator whose ``ROOT`` is copied back), then per variant the CDVAE
+report (``symat evaluate``) and local-structure statistics (coordination
+within 1.8 A, nearest-neighbour distances), then ``ROOT/results.md`` (the
+table) and ``ROOT/histograms.png`` (atoms per cell and density, generated vs test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from experiments.quality_sample import VARIANTS, sample_variant
+from symat_jax.coordination import local_structure
+from symat_jax.crystal_sets import CrystalSet
+from symat_jax.data import load_split
+from symat_jax.evaluate_cli import run_evaluate
+
+log = logging.getLogger("quality_study")
+
+COLUMNS = [("struct_validity", "struct. valid %", 100), ("comp_validity", "comp. valid %", 100),
+           ("cov_recall", "COV-R %", 100), ("cov_precision", "COV-P %", 100),
+           ("cov_recall_symat", "COV-R % (SyMat cut-offs)", 100), ("cov_precision_symat", "COV-P % (SyMat)", 100),
+           ("density_emd", "density EMD", 1), ("num_elements_emd", "# elements EMD", 1),
+           ("num_atoms_emd", "# atoms EMD", 1), ("property_emd", "property EMD", 1),
+           ("share_3_or_4", "3-4-fold atoms %", 100), ("share_isolated", "isolated atoms %", 100),
+           ("seconds_per_crystal", "s / crystal", 1)]
+
+
+def density(crystals: CrystalSet) -> np.ndarray:
+    """Return ``[c]`` densities in g/cm^3 (SPEC 5's density EMD quantity)."""
+    from pymatgen.core import Element
+
+    mass = {z: float(Element.from_Z(z).atomic_mass) for z in np.unique(crystals.atom_types)}
+    out = []
+    for i in range(len(crystals)):
+        types, lengths, angles, _ = crystals.crystal(i)
+        ca, cb, cg = np.cos(np.deg2rad(angles))
+        vol = np.prod(lengths) * np.sqrt(max(1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg, 0.0))
+        out.append(sum(mass[int(z)] for z in types) / max(vol, 1e-9) * 1.66053906660)
+    return np.asarray(out)
+
+
+def score_variant(folder: pathlib.Path, dataset: str, data_root: str | None, property_model: str | None,
+                  test: CrystalSet) -> dict[str, Any]:
+    """Return (and cache in ``folder/report.json``) the CDVAE report plus local structure of one variant."""
+    path = folder / "report.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    report = run_evaluate(str(folder), dataset, property_model=property_model, data_root=data_root, progress=False)
+    gen = CrystalSet.from_samples(folder)
+    local = local_structure(gen)
+    summary = json.loads((folder / "summary.json").read_text())
+    report.update({k: v for k, v in local.items() if k != "nn_distances"})
+    report["seconds_per_crystal"] = summary["run_seconds"] / max(summary["num_requested"], 1)
+    report["sampling_device"] = summary.get("device")
+    report["atoms_per_cell"] = np.bincount(gen.num_atoms, minlength=25).tolist()
+    report["density_quantiles"] = np.quantile(density(gen), [0.05, 0.25, 0.5, 0.75, 0.95]).tolist() if len(gen) else []
+    path.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def table(rows: dict[str, dict[str, Any]], data_row: dict[str, Any]) -> str:
+    """Return the markdown table of every scored variant (and the test split's own local structure)."""
+    head = "| variant | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, r in [("test split (data)", data_row)] + list(rows.items()):
+        cells = []
+        for key, _, scale in COLUMNS:
+            v = r.get(key)
+            cells.append("" if v is None else f"{v * scale:.2f}" if scale == 100 else f"{v:.4g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(root: pathlib.Path, rows: dict[str, dict[str, Any]], test: CrystalSet, folders: dict[str, pathlib.Path]) -> None:
+    """Write ``histograms.png``: atoms per cell and density of each variant against the test split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    test_n = np.bincount(test.num_atoms, minlength=25)
+    axes[0].bar(np.arange(25), test_n / test_n.sum(), color="k", alpha=0.3, label="test split")
+    test_d = density(test)
+    bins = np.linspace(0.5, 5.0, 46)
+    axes[1].hist(test_d, bins=bins, density=True, color="k", alpha=0.3, label="test split")
+    for name, folder in folders.items():
+        gen = CrystalSet.from_samples(folder)
+        n = np.bincount(gen.num_atoms, minlength=25)
+        axes[0].step(np.arange(25), n / max(n.sum(), 1), where="mid", label=name)
+        axes[1].hist(density(gen), bins=bins, density=True, histtype="step", label=name)
+    axes[0].set(xlabel="atoms per cell", ylabel="share", title="atoms per cell")
+    axes[1].set(xlabel="density (g/cm^3)", ylabel="density", title="density")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "histograms.png", dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or resume) the study and print its table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="carbon_24")
+    p.add_argument("--workdir", required=True, help="the trained run")
+    p.add_argument("--root", required=True, help="folder of the study's outputs")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--property-model", default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--skip-sampling", action="store_true", help="score only the variants already sampled")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root = pathlib.Path(args.root)
+    folders = {}
+    for name in args.variants:
+        folder = root / name
+        if not (folder / "summary.json").exists():
+            if args.skip_sampling:
+                continue
+            log.info("sampling %s", name)
+            sample_variant(args.workdir, name, folder, args.num, args.batch_size, 4, 0)
+        folders[name] = folder
+    test = CrystalSet.from_dataset(load_split(args.dataset, "test", args.data_root, with_graph=False, progress=False))
+    data_local = local_structure(test)
+    data_row = {"share_3_or_4": data_local["share_3_or_4"], "share_isolated": data_local["share_isolated"]}
+    rows = {}
+    for name, folder in folders.items():
+        log.info("scoring %s", name)
+        rows[name] = score_variant(folder, args.dataset, args.data_root, args.property_model, test)
+    text = table(rows, data_row)
+    (root / "results.md").write_text(text)
+    (root / "results.json").write_text(json.dumps({"rows": rows, "data": data_row}, indent=1))
+    plots(root, rows, test, folders)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Generation-quality pieces: the fitted prior, the step and noise schedules, the denoising step, local structure."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from symat_jax import configs, geometry, graphs, latents, losses, sampling, score
+from symat_jax.model import SyMat
+from symat_jax.coordination import local_structure, neighbor_distances
+from symat_jax.crystal_sets import CrystalSet
+from symat_jax.prior import MixturePrior, mixture_log_density, sample_mixture
+
+from test_model import CONFIG, crystals, params  # noqa: F401  (fixtures)
+from test_sampling import FEW, _inputs, _statics
+
+
+def _mixture_data(rng, n):
+    """Return ``[n, 12]`` points of one fixed two-component Gaussian mixture with correlated components."""
+    shape = np.random.default_rng(42)
+    a = shape.normal(size=(12, 12)) * 0.3
+    b = shape.normal(size=(12, 12)) * 0.2
+    first = rng.normal(size=(n // 3, 12)) @ a + 2.0
+    second = rng.normal(size=(n - n // 3, 12)) @ b - 1.0
+    return np.concatenate([first, second])
+
+
+def test_fitted_prior_reproduces_the_training_latents_mean_and_covariance():
+    rng = np.random.default_rng(0)
+    train, val = _mixture_data(rng, 3000), _mixture_data(rng, 600)
+    prior, table = latents.fit_mixture(train, val, components=(1, 2, 5), covariance_types=("full", "diag"))
+    chosen = max(table, key=lambda r: r["val_loglik"])
+    assert chosen["components"] >= 2 and chosen["covariance"] == "full"  # held-out likelihood picks the true family
+    z = np.asarray(sample_mixture(prior, jax.random.PRNGKey(0), 40000))
+    # Tolerances: Monte-Carlo error of 40,000 draws and the fit's error on 3,000 points (~3 sigma).
+    np.testing.assert_allclose(z.mean(0), train.mean(0), atol=0.05)
+    cov_z, cov_t = np.cov(z.T), np.cov(train.T)
+    assert np.linalg.norm(cov_z - cov_t) / np.linalg.norm(cov_t) < 0.05
+
+
+def test_mixture_log_density_matches_scikit_learn():
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(1)
+    x = _mixture_data(rng, 500)
+    gmm = GaussianMixture(3, covariance_type="full", random_state=0).fit(x)
+    prior = latents._as_prior(gmm)
+    ours = np.asarray(mixture_log_density(prior, jnp.asarray(x[:50], jnp.float32)))
+    np.testing.assert_allclose(ours, gmm.score_samples(x[:50]), rtol=2e-3, atol=2e-2)
+
+
+def test_prior_round_trips_through_its_file(tmp_path):
+    prior = MixturePrior(jnp.array([0.25, 0.75]), jnp.ones((2, 3)), jnp.stack([jnp.eye(3), 2 * jnp.eye(3)]))
+    prior.save(tmp_path / "prior.npz")
+    back = MixturePrior.load(tmp_path / "prior.npz")
+    for a, b in zip(prior, back):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_paper_preset_is_spec_4_exactly():
+    for dataset, temps in configs.PAPER_TEMPERATURES.items():
+        cfg = configs.get_sampler_config(dataset, "paper")
+        assert (cfg.temp_comp, cfg.temp_pos, cfg.temp_lat, cfg.temp_coord) == temps
+        assert (cfg.num_levels, cfg.steps_per_level, cfg.step_size) == (50, 100, 1e-4)
+        assert (cfg.decode, cfg.prior, cfg.final_denoise, cfg.quiet_levels) == ("argmax", "standard", False, 0)
+        assert (cfg.step_schedule, cfg.noise_schedule, cfg.top_level) == ("paper", "constant", None)
+    model = configs.get_config("carbon_24").model
+    norm = np.linspace(0.01, 2.0, 50)
+    idx, alphas = sampling.level_schedule(model, configs.get_sampler_config("carbon_24", "paper"), norm)
+    sig = score.noise_levels()
+    np.testing.assert_array_equal(idx, np.arange(49, -1, -1))
+    np.testing.assert_allclose(alphas, 1e-4 * (sig[idx] / 0.01) ** 2)
+    assert configs.sampler_checkpoint("paper") == "best"
+
+
+def test_norm_schedule_moves_every_level_by_the_same_fraction_of_its_target():
+    model = configs.get_config("carbon_24").model
+    norm = np.linspace(0.02, 2.0, 50)
+    cfg = configs.get_sampler_config("carbon_24", "paper", step_schedule="norm", step_fraction=0.3,
+                                     noise_schedule="sigma", temp_coord=1.0, quiet_levels=3)
+    idx, alphas = sampling.level_schedule(model, cfg, norm)
+    np.testing.assert_allclose(alphas / norm[idx] ** 2, 0.3)  # a step is alpha * s / norm = 0.3 * target
+    temps = np.asarray(sampling._noise_scales(model, cfg, idx, norm))
+    np.testing.assert_allclose(temps[:-3], score.noise_levels()[idx][:-3] / norm[idx][:-3], rtol=1e-6)
+    assert np.all(temps[-3:] == 0)
+    top = dataclasses.replace(cfg, top_level=20, num_levels=21)
+    np.testing.assert_array_equal(sampling.level_schedule(model, top, norm)[0], np.arange(20, -1, -1))
+
+
+def test_compiled_chain_with_every_option_equals_the_python_loop(params, crystals):  # noqa: F811
+    types, mask, lat, z_pos, images = _inputs(crystals, [0, 3])
+    cfg = dataclasses.replace(FEW, step_schedule="norm", step_fraction=1e-4, noise_schedule="sigma", temp_coord=1.0,
+                              quiet_levels=1, final_denoise=True, denoise_scale=0.5, top_level=30)
+    kw = dict(statics=_statics(), model=CONFIG, cfg=cfg, max_images=images)
+    key = jax.random.PRNGKey(3)
+    fast = jax.jit(lambda p, k: sampling.langevin(p, k, types, mask, lat, z_pos, **kw))(params, key)
+    slow = sampling.langevin(params, key, types, mask, lat, z_pos, **kw, python_loop=True)
+    np.testing.assert_allclose(fast[0], slow[0], atol=1e-5)
+
+
+def _noisy_carbon(crystals, sigma, seed):  # noqa: F811
+    """Return (clean, noisy, lattice, mask, types) of the Carbon-24 crystals of the fixture at noise ``sigma``."""
+    idx = list(range(8))
+    types, mask, lat, _, _ = _inputs(crystals, idx)
+    frac = np.zeros(mask.shape + (3,), np.float32)
+    for r, i in enumerate(idx):
+        frac[r, : crystals.num_atoms[i]] = crystals.crystal(i).frac_coords
+    clean = geometry.frac_to_cart(jnp.asarray(frac), lat)
+    eps = jax.random.normal(jax.random.PRNGKey(seed), clean.shape)
+    noisy = jax.vmap(score.perturb)(clean, lat, mask, jnp.full(mask.shape[:1], sigma), eps)
+    return clean, noisy, lat, mask, types
+
+
+def _distance_error(x, clean, lattice, mask, graph_config):
+    """Return the mean |d(x) - d(clean)| over the clean crystals' K-nearest edges (translation-free)."""
+    nl = jax.vmap(functools.partial(score.score_graph, config=graph_config))(clean, lattice, mask)
+    aligned = jax.vmap(geometry.nearest_image)(x, clean, lattice)  # each atom of x next to its clean position
+    senders = jnp.where(nl.mask, nl.senders, 0)
+    vec = aligned[:, :, None, :] - jnp.take_along_axis(aligned[:, :, None, :], senders[..., None], axis=1)
+    vec = vec - jnp.einsum("bnki,bij->bnkj", nl.offsets.astype(x.dtype), lattice)
+    err = jnp.abs(jnp.linalg.norm(vec, axis=-1) - nl.distances)
+    return float(jnp.sum(jnp.where(nl.mask, err, 0)) / jnp.sum(nl.mask))
+
+
+@pytest.mark.parametrize("level", [0, 5, 10])
+def test_denoising_step_with_an_exact_score_brings_noisy_crystals_closer(crystals, monkeypatch, level):  # noqa: F811
+    sigma = float(score.noise_levels()[level])
+    clean, noisy, lat, mask, types = _noisy_carbon(crystals, sigma, level)
+    graph_config = score.ScoreGraphConfig(3.0, 5, (3, 3, 3))
+    norm = jnp.float32(np.sqrt(2) * sigma)
+
+    def exact(net_params, model, x, lattice, atom_types, atom_mask, z_pos, *, graph_config, num_nodes=None):
+        nl = jax.vmap(functools.partial(score.score_graph, config=graph_config))(x, lattice, atom_mask)
+        return jax.vmap(score.score_target)(clean, x, lattice, nl) / norm, nl
+
+    monkeypatch.setattr(sampling, "coordinate_scores", exact)
+    before = _distance_error(noisy, clean, lat, mask, graph_config)
+    kw = dict(lattice=lat, atom_types=types, atom_mask=mask, z_pos=jnp.zeros((8, 1)), norm=norm, model=CONFIG,
+              graph_config=graph_config)
+    after = {s: _distance_error(sampling.denoise(None, noisy, scale=s, **kw), clean, lat, mask, graph_config)
+             for s in (0.25, 0.35, 0.5)}
+    assert min(after.values()) < 0.75 * before, (before, after)
+
+
+def test_local_structure_matches_pymatgen_neighbours_and_the_carbon_data(test_splits):
+    from pymatgen.core import Lattice, Structure
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        lengths, angles = rng.uniform(2.5, 6, 3), rng.uniform(70, 110, 3)
+        frac = rng.uniform(size=(4, 3))
+        s = Structure(Lattice.from_parameters(*lengths, *angles), ["C"] * 4, frac)
+        ours = neighbor_distances(frac, geometry.lattice_matrix_np(lengths, angles), 3.0)
+        for i, row in enumerate(ours):
+            np.testing.assert_allclose(row, np.sort([n.nn_distance for n in s.get_neighbors(s[i], 3.0)]), atol=1e-8)
+    stats = local_structure(CrystalSet.from_dataset(test_splits["carbon_24"]))
+    assert stats["share_3_or_4"] > 0.99 and stats["share_isolated"] == 0.0  # real carbon is 3- or 4-fold
+    assert 1.3 < stats["nn_distance_quantiles"][0] and stats["nn_distance_quantiles"][-1] < 1.6
+
+
+def test_coordinate_loss_averages_over_the_three_components():
+    pred = jnp.zeros((1, 2, 3))
+    target = jnp.array([[[1.0, 2.0, 2.0], [0.0, 0.0, 3.0]]])
+    loss = losses.coordinate_score_loss(pred, target, jnp.array([[True, True]]))
+    np.testing.assert_allclose(loss, [((1 + 4 + 4) / 3 + 9 / 3) / 2])
+
+
+@pytest.mark.parametrize("init, variance", [("unit_uniform", 1.0), ("flax", 1.0 / 16)])
+def test_atom_embedding_init_is_the_configured_one(crystals, init, variance):  # noqa: F811
+    from test_model import dense_one, edge_graph, score_config
+
+    c = crystals.crystal(0)
+    g = edge_graph(c.atomic_numbers, c.frac_coords @ c.lattice(), c.lattice(), c.edge_index, c.edge_offsets)
+    pos, lat, mask, z = dense_one(c, 24)
+    nl = jax.vmap(functools.partial(score.score_graph, config=score_config(lat)))(pos, lat, mask)
+    sg, _ = graphs.score_edge_graph(nl, z, mask)
+    config = dataclasses.replace(CONFIG, embed_init=init)
+    p = SyMat(config).init(jax.random.PRNGKey(0), g, jnp.zeros((1, 6)), 1, sg, 1)
+    for table in ("atom_embed", "score_embed"):
+        emb = p["params"][table]["embedding"]
+        assert abs(float(jnp.var(emb)) / variance - 1.0) < 0.15, (table, float(jnp.var(emb)))
