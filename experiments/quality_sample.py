@@ -35,6 +35,10 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gmm_langevin_denoise": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, final_denoise=True,
                                                      denoise_scale=0.35, **LANGEVIN)),
     "gmm_langevin_quiet": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, quiet_levels=10, **LANGEVIN)),
+    "gmm_langevin_50x10": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, steps_per_level=10, **LANGEVIN)),
+    "gmm_langevin_25x10": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, num_levels=25, steps_per_level=10,
+                                                   **LANGEVIN)),
+    "default": ("default", "latest", {}),
     "default_50x10": ("default", "latest", dict(steps_per_level=10)),
     "default_25x10": ("default", "latest", dict(num_levels=25, steps_per_level=10)),
 }

@@ -98,6 +98,16 @@ def start_run(workdir: str | pathlib.Path, keep: int, state: PyTree, resume: boo
     epoch = int(meta["epoch"])
     log.info("resumed %s from epoch %d", workdir, epoch + 1)
     if metrics_path.exists():
-        lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epoch + 1]
-        metrics_path.write_text("".join(line + "\n" for line in lines))
+        lines = [line for line in metrics_path.read_text().splitlines() if _epoch_of(line) <= epoch + 1]
+        tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(metrics_path)
     return RunStart(ckpt, state, epoch + 1, float(meta[best_key]), metrics_path)
+
+
+def _epoch_of(line: str) -> float:
+    """Return the epoch of a ``metrics.jsonl`` line; infinity for a blank or half-written one (so it is dropped)."""
+    try:
+        return float(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

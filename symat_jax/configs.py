@@ -176,7 +176,7 @@ def get_sampler_config(dataset: str, preset: str = "paper", **overrides: Any) ->
 
 # The "default" sampler preset's departures from the paper setting.
 DEFAULT_SAMPLER: dict[str, Any] = dict(prior="gmm", step_schedule="norm", step_fraction=0.05, noise_schedule="sigma",
-                                       temp_coord=1.0)
+                                       temp_coord=1.0, final_denoise=True, denoise_scale=0.35)
 
 
 def sampler_checkpoint(preset: str) -> str:

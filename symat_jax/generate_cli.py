@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -30,6 +31,15 @@ def write_samples(result: sampling.SampleResult, out: str | pathlib.Path, cif: b
     return out
 
 
+def check_output_folder(out: str | pathlib.Path, overwrite: bool) -> None:
+    """Raise ValueError when ``out`` cannot take a new sample set (a file, or a non-empty folder without ``overwrite``)."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for samples.npz and the CIF files")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} is not empty; choose a new folder or pass --overwrite to replace its contents")
+
+
 def run_sample(
     workdir: str,
     num: int,
@@ -39,14 +49,18 @@ def run_sample(
     batch_size: int = 256,
     seed: int = 0,
     checkpoint: str | None = None,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Sample ``num`` crystals from the run in ``workdir`` into ``out``; return a summary.
 
     ``preset`` names a sampler preset (:func:`symat_jax.configs.get_sampler_config`);
     ``overrides`` replace its fields (``None`` values are ignored). ``checkpoint``
-    (best or latest) defaults to the preset's choice.
+    (best or latest) defaults to the preset's choice. A non-empty ``out`` is
+    refused before any work (outputs of two runs never mix) unless
+    ``overwrite``, which clears it once the new samples exist.
     """
+    check_output_folder(out, overwrite)
     config = load_run_config(workdir)
     cfg = configs.get_sampler_config(config.dataset, preset, **{k: v for k, v in overrides.items() if v is not None})
     config, statics, params, meta = load_run(workdir, checkpoint or configs.sampler_checkpoint(preset))
@@ -54,6 +68,8 @@ def run_sample(
     t0 = time.perf_counter()
     result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
                              batch_size=batch_size, prior=prior)
+    if overwrite and pathlib.Path(out).exists():
+        shutil.rmtree(out)
     write_samples(result, out)
     counts = np.bincount([len(t) for t in result.atom_types], minlength=config.model.max_atoms + 1)
     summary = {

@@ -63,9 +63,9 @@ def run_epochs(
     """Run epochs ``start.start_epoch .. epochs - 1``; return ``(final state, last metrics record, best score)``.
 
     ``batches(order)`` yields ``(batch, weight)`` (weight: real examples in
-    the batch). After each epoch the state is checkpointed (as the best too
-    when its validation score is the lowest so far), then its record is
-    appended to ``metrics.jsonl``.
+    the batch). After each epoch its record is appended to ``metrics.jsonl``,
+    then the state is checkpointed (as the best too when its validation score
+    is the lowest so far).
     """
     state, best, last = start.state, start.best, {}
     for epoch in range(start.start_epoch, epochs):
@@ -82,10 +82,12 @@ def run_epochs(
         is_best = score < best
         best = min(best, score)
         record = {"epoch": epoch + 1, **record}
-        # Checkpoint first, then log: a kill in between repeats a log line at worst.
-        start.ckpt.save(epoch, state, {"epoch": epoch, best_key: best, **meta}, is_best)
+        # Log first, then checkpoint: a kill in between leaves a line for an epoch with no checkpoint, which
+        # resume drops (start_run keeps only lines up to the restored epoch) before it reruns that epoch.
+        # The other order lost the line of a checkpointed epoch for good.
         with open(start.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        start.ckpt.save(epoch, state, {"epoch": epoch, best_key: best, **meta}, is_best)
         log.info("%s %d: %s", desc, epoch + 1, message)
         last = record
     start.ckpt.close()

@@ -143,6 +143,12 @@ def write_text_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def holds_run(workdir: str | pathlib.Path) -> bool:
+    """Return whether ``workdir`` already holds a run (a checkpoint of one), without creating anything."""
+    folder = pathlib.Path(workdir) / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
 def read_config(workdir: str | pathlib.Path) -> TrainConfig:
     """Return the config stored in a run folder."""
     path = pathlib.Path(workdir) / CONFIG_FILE

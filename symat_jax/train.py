@@ -267,15 +267,18 @@ def train(
     ``datasets`` (train, val) skips loading from disk.
     """
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / run.CONFIG_FILE
+    # Every refusal comes before the first write: a refused command leaves the folder as it was.
+    if not resume and run.holds_run(workdir):
+        raise ValueError(f"{workdir} already holds a run; pass --resume to continue it, or choose another workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
     if resume and config_path.exists():
         stored = run.read_config(workdir)
         if stored != config:
             # Only the schedule may change on resume (e.g. more epochs).
             if dataclasses.replace(stored, epochs=config.epochs) != config:
                 raise ValueError(f"{config_path} differs from the requested config; resume with the same settings")
-    config_path.write_text(config.to_json())
+    run.write_text_atomic(config_path, config.to_json())
 
     if datasets is None:
         train_data = load_split(config.dataset, "train", data_root, progress=progress)

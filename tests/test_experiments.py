@@ -23,7 +23,7 @@ def test_train_sample_evaluate_and_resume(data_root, tmp_path, monkeypatch, capl
     shutil.copy(data_root / "comp_scaler.json", root / "comp_scaler.json")
     args = ["--dataset", "perov_5", "--root", str(tmp_path / "run"), "--data-root", str(root), "--preset", "quick",
             "--epochs", "1", "--property-epochs", "1", "--num-samples", "8", "--langevin-steps", "2",
-            "--batch-size", "8"]
+            "--batch-size", "8", "--sampler-preset", "paper"]
     assert cdvae_benchmark.main(args) == 0
     run = tmp_path / "run"
     report = json.loads((run / "metrics.json").read_text())

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from symat_jax import configs, input_pipeline, run, train
+from symat_jax import cli, configs, input_pipeline, run, train
 from symat_jax.checkpoints import RunCheckpoints
 from symat_jax.data import read_csv
 from symat_jax.input_pipeline import epoch_batches
@@ -81,6 +81,29 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(full_run, tiny_config,
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
 
 
+def test_a_kill_between_log_and_checkpoint_loses_no_metrics_line(full_run, tiny_config, tiny_data, tmp_path,
+                                                                  monkeypatch):
+    workdir, _ = full_run
+    real_save = RunCheckpoints.save
+
+    def killed_at_epoch_3(self, epoch, *args, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed after the log line of epoch 3, before its checkpoint")
+        return real_save(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(RunCheckpoints, "save", killed_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_config, tmp_path, datasets=tiny_data, progress=False)
+    monkeypatch.setattr(RunCheckpoints, "save", real_save)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 4, "tra')  # and a line cut off mid-write
+    train.train(tiny_config, tmp_path, datasets=tiny_data, progress=False, resume=True)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+    full = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val"]["loss"] for r in lines] == pytest.approx([r["val"]["loss"] for r in full], rel=1e-5)
+
+
 def test_non_finite_step_is_skipped_and_compilations_are_bounded(full_run, tiny_config, tiny_data):
     workdir, _ = full_run
     statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
@@ -115,3 +138,42 @@ def test_training_fits_the_prior_and_a_light_export_samples_like_the_run(full_ru
             np.testing.assert_array_equal(x, y)
     with pytest.raises(FileExistsError):
         run.export_params(workdir, light)
+
+
+def _folder_digest(folder):
+    """Return a digest of every file's path and bytes under ``folder``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(folder)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_a_refused_training_command_changes_no_byte_of_the_run(full_run, tiny_config, tiny_data):
+    workdir, _ = full_run
+    before = _folder_digest(workdir)
+    other = dataclasses.replace(tiny_config, learning_rate=1e-2)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train.train(other, workdir, datasets=tiny_data, progress=False)
+    with pytest.raises(ValueError, match="differs from the requested config"):
+        train.train(other, workdir, datasets=tiny_data, progress=False, resume=True)
+    assert _folder_digest(workdir) == before
+
+
+def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run, tmp_path, capsys):
+    workdir, _ = full_run
+    out = tmp_path / "samples"
+    args = ["sample", "--workdir", str(workdir), "--num", "4", "--out", str(out), "--levels", "2",
+            "--langevin-steps", "2", "--batch-size", "4"]
+    assert cli.main(args) == 0  # the default preset: the prior fitted at the end of training
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preset"] == "default" and summary["sampler"]["prior"] == "gmm"
+    assert summary["num_written"] + summary["num_rejected"] == 4
+    before = _folder_digest(out)
+    assert cli.main(args + ["--seed", "1"]) == 2
+    assert "not empty" in capsys.readouterr().err and _folder_digest(out) == before
+    assert cli.main(args + ["--seed", "1", "--overwrite", "--preset", "paper"]) == 0
+    assert json.loads((out / "summary.json").read_text())["preset"] == "paper"
