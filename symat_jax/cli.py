@@ -77,6 +77,28 @@ def run_training(args: argparse.Namespace) -> dict:
     return record
 
 
+def positive_int(text: str) -> int:
+    """Return ``text`` as an integer >= 1 (argparse type; a clear message otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Return ``text`` as a finite number > 0 (argparse type; a clear message otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def setup_logging() -> None:
     """Log INFO from this package; keep orbax/absl chatter at WARNING."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -86,6 +108,7 @@ def setup_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``symat`` command line and return its exit status."""
     parser = argparse.ArgumentParser(prog="symat", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("preprocess", help="canonicalise a dataset and cache its CrystalNN graphs")
     _add_data_args(p)
@@ -96,14 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_train_args(p)
     p = sub.add_parser("sample", help="generate crystals from a trained run (samples.npz + CIF files)")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--num", type=int, required=True)
+    p.add_argument("--num", type=positive_int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", choices=SAMPLER_PRESETS, default=DEFAULT_SAMPLER_PRESET,
                    help="sampler preset: 'paper' is SPEC 4 exactly; 'default' the best measured setting")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--levels", type=int, default=None, help="noise levels used (paper: 50)")
-    p.add_argument("--langevin-steps", type=int, default=None, help="steps per level (paper: 100)")
-    p.add_argument("--step-size", type=float, default=None, help="base step size (paper: 1e-4)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--levels", type=positive_int, default=None, help="noise levels used (paper: 50, at most the trained ones)")
+    p.add_argument("--langevin-steps", type=positive_int, default=None, help="steps per level (paper: 100)")
+    p.add_argument("--step-size", type=positive_float, default=None, help="base step size (paper: 1e-4)")
     p.add_argument("--prior", choices=PRIOR_KINDS, default=None,
                    help="latent prior: 'standard' N(0, T^2 I) or 'gmm' (the run's fitted prior.npz)")
     p.add_argument("--final-denoise", dest="final_denoise", action="store_true", default=None,
@@ -111,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-final-denoise", dest="final_denoise", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decode", choices=("argmax", "sample"), default=None)
-    p.add_argument("--decode-temperature", type=float, default=None)
+    p.add_argument("--decode-temperature", type=positive_float, default=None)
     p.add_argument("--checkpoint", choices=("best", "latest"), default=None,
                    help="which checkpoint (default: the preset's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
@@ -149,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run_sample(
                 args.workdir, args.num, args.out, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
                 checkpoint=args.checkpoint, overwrite=args.overwrite, num_levels=args.levels,
-                steps_per_level=args.langevin_steps, step_size=args.step_size, prior=args.prior, final_denoise=args.final_denoise, decode=args.decode,
-                decode_temperature=args.decode_temperature,
+                steps_per_level=args.langevin_steps, step_size=args.step_size, prior=args.prior,
+                final_denoise=args.final_denoise, decode=args.decode, decode_temperature=args.decode_temperature,
             )
             print(json.dumps(summary, indent=1))
         elif args.command == "fit-prior":
@@ -172,8 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   args.data_root, args.comp_scaler, args.workers, args.num_property_samples,
                                   args.seed, args.batch_idx)
             print(metrics.format_report(report))
-    except (registry.DatasetNotFoundError, ValueError, FileNotFoundError) as err:
-        print(f"symat {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"symat {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (the one error boundary of the command line)
+        if args.debug:
+            raise
+        expected = isinstance(err, (ValueError, OSError))  # includes FileNotFoundError, DatasetNotFoundError
+        kind = "" if expected else f"unexpected {type(err).__name__}: "
+        hint = "" if expected else " (rerun with --debug for the traceback)"
+        print(f"symat {args.command}: error: {kind}{err}{hint}", file=sys.stderr)
         return 2
     return 0
 

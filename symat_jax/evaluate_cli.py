@@ -30,6 +30,8 @@ def run_evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Return (and write to ``out`` as JSON) the CDVAE report of ``samples`` against ``reference`` (default: the test split)."""
+    if out and pathlib.Path(out).is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name for the JSON report (e.g. {out}/metrics.json)")
     t0 = time.perf_counter()
     if str(samples).endswith(".csv"):
         # A CDVAE CSV as the generated side: the protocol's self-check (test split vs itself).

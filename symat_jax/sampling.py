@@ -112,6 +112,10 @@ def level_schedule(model: ModelConfig, cfg: SamplerConfig, score_norm: Sequence[
     top = model.num_levels - 1 if cfg.top_level is None else cfg.top_level
     if not 0 <= top < model.num_levels:
         raise ValueError(f"top_level must be in 0..{model.num_levels - 1}, got {top}")
+    if not 1 <= cfg.num_levels <= top + 1:
+        raise ValueError(f"num_levels must be in 1..{top + 1} (the trained levels up to top_level), got {cfg.num_levels}")
+    if cfg.steps_per_level < 1:
+        raise ValueError(f"steps_per_level must be at least 1, got {cfg.steps_per_level}")
     idx = np.unique(np.round(np.linspace(0, top, cfg.num_levels)).astype(int))[::-1]
     if cfg.step_schedule == "paper":
         alphas = cfg.step_size * (sigmas[idx] / sigmas[0]) ** 2

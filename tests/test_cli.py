@@ -43,3 +43,52 @@ def test_train_carbon_reports_missing_data(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SYMAT_DOWNLOAD_URL", "http://127.0.0.1:9/none")
     assert train_carbon.main(["--data-root", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "w")]) == 2
     assert "carbon_24/train.csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num", "0"], "must be at least 1"),
+    (["--num", "ten"], "not a whole number"),
+    (["--batch-size", "0"], "must be at least 1"),
+    (["--decode-temperature", "0"], "above 0"),
+    (["--step-size", "nan"], "above 0"),
+    (["--levels", "-3"], "must be at least 1"),
+])
+def test_out_of_range_sampling_arguments_are_refused_by_the_parser(tmp_path, capsys, args, message):
+    base = ["sample", "--workdir", str(tmp_path), "--num", "4", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(base + args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_errors_are_one_line_naming_the_problem_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    assert cli.main(["sample", "--workdir", str(tmp_path / "none"), "--num", "2", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no SyMat run" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(cli, "preprocess", broken)
+    assert cli.main(["preprocess", "--dataset", "carbon_24", "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unexpected RuntimeError: disk on fire" in err and "--debug" in err
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cli.main(["--debug", "preprocess", "--dataset", "carbon_24", "--data-root", str(tmp_path)])
+
+
+def test_too_many_levels_is_an_error_not_a_silent_cap():
+    from symat_jax import configs, sampling
+
+    model = configs.get_config("carbon_24").model
+    cfg = configs.get_sampler_config("carbon_24", "paper", num_levels=500)
+    with pytest.raises(ValueError, match="num_levels must be in 1..50"):
+        sampling.level_schedule(model, cfg, [1.0] * 50)
+
+
+def test_evaluate_refuses_a_folder_as_its_report_file_before_any_work(tmp_path, monkeypatch):
+    from symat_jax import evaluate_cli
+
+    monkeypatch.setattr(evaluate_cli.CrystalSet, "from_samples", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ValueError, match="is a folder"):
+        evaluate_cli.run_evaluate(str(tmp_path / "samples.npz"), "carbon_24", out=str(tmp_path))
