@@ -77,26 +77,27 @@ def run_training(args: argparse.Namespace) -> dict:
     return record
 
 
-def positive_int(text: str) -> int:
-    """Return ``text`` as an integer >= 1 (argparse type; a clear message otherwise)."""
+def _positive(text: str, integer: bool) -> float:
+    """Return ``text`` as an integer >= 1 or a finite number > 0 (argparse types; a clear message otherwise)."""
     try:
-        value = int(text)
+        value = int(text) if integer else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if integer else 'number'}") from None
+    if integer and value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if not integer and not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """Return ``text`` as an integer >= 1 (argparse type)."""
+    return int(_positive(text, integer=True))
 
 
 def positive_float(text: str) -> float:
-    """Return ``text`` as a finite number > 0 (argparse type; a clear message otherwise)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
+    """Return ``text`` as a finite number > 0 (argparse type)."""
+    return _positive(text, integer=False)
 
 
 def setup_logging() -> None:
