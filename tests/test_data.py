@@ -217,3 +217,17 @@ def test_missing_split_offline_says_where_to_put_it(monkeypatch, tmp_path):
 
 def test_existing_split_is_found(data_root):
     assert split_path("perov_5", "val", data_root) == data_root / "perov_5" / "val.csv"
+
+
+def test_duplicate_ids_and_missing_properties_are_reported_and_kept(data_root, tmp_path, caplog):
+    rows = csv_rows(data_root / "carbon_24" / "test.csv")[:6]
+    rows[1] = dict(rows[1], material_id=rows[0]["material_id"])
+    rows[2] = dict(rows[2], energy_per_atom="")
+    rows[3] = dict(rows[3], energy_per_atom="abc")
+    caplog.set_level(logging.WARNING)
+    data = read_csv(write_csv(tmp_path / "x.csv", rows), "carbon_24", with_graph=False, cache_dir=tmp_path,
+                    progress=False)
+    assert len(data) == 6 and int(np.isnan(data.properties).sum()) == 2
+    text = caplog.text
+    assert f"material_id {rows[0]['material_id']} is used by 2 rows" in text
+    assert "2 rows have no numeric energy_per_atom" in text and rows[3]["material_id"] in text

@@ -294,7 +294,7 @@ def read_csv(
                 except (ValueError, OSError, KeyError) as err:
                     log.warning("ignoring unreadable cache %s (%s)", cached, err)
                     continue
-                _report_skipped(csv_path, data.skipped, len(data))
+                _report_rows(csv_path, data)
                 return data
 
     rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
@@ -319,7 +319,7 @@ def read_csv(
     crystals = [results[k] for k in keep]
     props = np.array([_parse_float(rows[k].get(info.property_column)) for k in keep])
     data = _assemble(info, [ids[k] for k in keep], crystals, props, with_graph, tuple(skipped))
-    _report_skipped(csv_path, data.skipped, len(data))
+    _report_rows(csv_path, data)
     if cache:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -339,12 +339,26 @@ def load_split(
     return read_csv(registry.split_path(dataset, split, data_root), dataset, **kwargs)
 
 
-def _report_skipped(csv_path: pathlib.Path, skipped: Sequence[tuple[str, str]], kept: int) -> None:
-    """Log one warning per skipped row and a summary."""
+def _report_rows(csv_path: pathlib.Path, data: CrystalDataset) -> None:
+    """Log one warning per skipped row and a summary; warn about kept rows a user should know of.
+
+    Kept but suspicious: a ``material_id`` used by more than one row, and a
+    missing or non-numeric property (NaN: training ignores it, the property
+    model leaves the crystal out).
+    """
+    skipped, kept = data.skipped, len(data)
     for mid, reason in skipped:
         log.warning("%s: skipped %s: %s", csv_path.name, mid, reason)
     if skipped:
         log.warning("%s: skipped %d of %d rows; loaded %d", csv_path.name, len(skipped), len(skipped) + kept, kept)
+    ids, counts = np.unique(data.material_id.astype(str), return_counts=True)
+    for mid in ids[counts > 1]:
+        log.warning("%s: material_id %s is used by %d rows (all kept)", csv_path.name, mid, int(counts[ids == mid][0]))
+    missing = data.material_id[~np.isfinite(data.properties)]
+    if len(missing):
+        shown = ", ".join(str(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        log.warning("%s: %d rows have no numeric %s (%s); kept, without a property", csv_path.name, len(missing),
+                    data.property_column, shown)
 
 
 def _assemble(
