@@ -125,9 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preset", choices=SAMPLER_PRESETS, default=DEFAULT_SAMPLER_PRESET,
                    help="sampler preset: 'paper' is SPEC 4 exactly; 'default' the best measured setting")
     p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--levels", type=positive_int, default=None, help="noise levels used (paper: 50, at most the trained ones)")
+    p.add_argument("--levels", type=positive_int, default=None,
+                   help="noise levels used (paper: 50, at most the trained ones)")
     p.add_argument("--langevin-steps", type=positive_int, default=None, help="steps per level (paper: 100)")
-    p.add_argument("--step-size", type=positive_float, default=None, help="base step size (paper: 1e-4)")
+    p.add_argument("--step-size", type=positive_float, default=None,
+                   help="base step size of the paper step schedule (paper preset: 1e-4)")
+    p.add_argument("--step-fraction", type=positive_float, default=None,
+                   help="share of the predicted target moved per step, 'norm' step schedule (default preset: 0.05)")
     p.add_argument("--prior", choices=PRIOR_KINDS, default=None,
                    help="latent prior: 'standard' N(0, T^2 I) or 'gmm' (the run's fitted prior.npz)")
     p.add_argument("--final-denoise", dest="final_denoise", action="store_true", default=None,
@@ -173,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run_sample(
                 args.workdir, args.num, args.out, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
                 checkpoint=args.checkpoint, overwrite=args.overwrite, num_levels=args.levels,
-                steps_per_level=args.langevin_steps, step_size=args.step_size, prior=args.prior,
+                steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
+                prior=args.prior,
                 final_denoise=args.final_denoise, decode=args.decode, decode_temperature=args.decode_temperature,
             )
             print(json.dumps(summary, indent=1))
