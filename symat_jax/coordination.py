@@ -23,7 +23,9 @@ def neighbor_distances(frac: np.ndarray, lattice: np.ndarray, cutoff: float) -> 
     inv_heights = np.linalg.norm(np.linalg.inv(lattice), axis=0)  # 1 / interplanar spacing
     reach = np.ceil(cutoff * inv_heights).astype(int) + 1
     shifts = np.array(list(itertools.product(*(range(-r, r + 1) for r in reach))), float)  # [s, 3]
-    cart = frac @ lattice  # [n, 3]
+    # The image range below covers pairs whose fractional offsets lie within one cell: wrap first, so an atom
+    # given in another periodic image (frac outside [0, 1)) finds the same neighbours.
+    cart = np.mod(np.asarray(frac, np.float64), 1.0) @ lattice  # [n, 3]
     vec = cart[:, None, None, :] - cart[None, :, None, :] - (shifts @ lattice)[None, None]  # [n, n, s, 3]
     d = np.linalg.norm(vec, axis=-1).reshape(len(frac), -1)
     return [np.sort(row[(row > 1e-6) & (row <= cutoff)]) for row in d]
