@@ -27,6 +27,7 @@ from symat_jax.coordination import local_structure
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import load_split
 from symat_jax.evaluate_cli import run_evaluate
+from symat_jax.geometry import volume_factor
 
 log = logging.getLogger("quality_study")
 
@@ -47,8 +48,7 @@ def density(crystals: CrystalSet) -> np.ndarray:
     out = []
     for i in range(len(crystals)):
         types, lengths, angles, _ = crystals.crystal(i)
-        ca, cb, cg = np.cos(np.deg2rad(angles))
-        vol = np.prod(lengths) * np.sqrt(max(1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg, 0.0))
+        vol = np.prod(lengths) * np.sqrt(max(volume_factor(angles), 0.0))
         out.append(sum(mass[int(z)] for z in types) / max(vol, 1e-9) * 1.66053906660)
     return np.asarray(out)
 

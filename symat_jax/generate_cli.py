@@ -15,7 +15,6 @@ from pymatgen.io.cif import CifWriter
 from symat_jax import configs, sampling
 from symat_jax.data.canonical import to_structure
 from symat_jax.run import load_prior, load_run
-from symat_jax.run import read_config as load_run_config
 
 
 def write_samples(result: sampling.SampleResult, out: str | pathlib.Path, cif: bool = True) -> pathlib.Path:
@@ -61,9 +60,8 @@ def run_sample(
     ``overwrite``, which clears it once the new samples exist.
     """
     check_output_folder(out, overwrite)
-    config = load_run_config(workdir)
-    cfg = configs.get_sampler_config(config.dataset, preset, **{k: v for k, v in overrides.items() if v is not None})
     config, statics, params, meta = load_run(workdir, checkpoint or configs.sampler_checkpoint(preset))
+    cfg = configs.get_sampler_config(config.dataset, preset, **{k: v for k, v in overrides.items() if v is not None})
     prior = load_prior(workdir) if cfg.prior == "gmm" else None
     t0 = time.perf_counter()
     result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,

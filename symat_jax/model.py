@@ -158,10 +158,25 @@ def coordinate_scores(
     ``num_nodes`` (static) packs real atoms into that many graph nodes (see
     :func:`symat_jax.graphs.score_edge_graph`).
     """
-    nl = jax.vmap(functools.partial(score.score_graph, config=graph_config))(positions, lattice, atom_mask)
-    sg, slots = graphs.score_edge_graph(nl, atom_types, atom_mask, num_nodes)
+    sg, slots, nl = score_graphs(positions, lattice, atom_types, atom_mask, graph_config=graph_config,
+                                 num_nodes=num_nodes)
     edge = SyMat(model).apply(params, sg, z_pos, method=SyMat.edge_scores)
     return per_atom_scores(edge, slots, nl), nl
+
+
+def score_graphs(
+    positions: Array,
+    lattice: Array,
+    atom_types: Array,
+    atom_mask: Array,
+    *,
+    graph_config: score.ScoreGraphConfig,
+    num_nodes: int | None = None,
+) -> tuple[graphs.EdgeGraph, Array, NeighborList]:
+    """Return ``(score EdgeGraph, edge id of each neighbour slot [b, n, k], neighbour list)`` of crystals at ``positions``."""
+    nl = jax.vmap(functools.partial(score.score_graph, config=graph_config))(positions, lattice, atom_mask)
+    sg, slots = graphs.score_edge_graph(nl, atom_types, atom_mask, num_nodes)
+    return sg, slots, nl
 
 
 class Composition(NamedTuple):

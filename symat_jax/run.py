@@ -41,7 +41,7 @@ PRIOR_REPORT_FILE = "prior.json"
 CHECKPOINT_CHOICES = ("best", "latest")
 # The random streams of a run, each derived from the seed with its own fold_in,
 # so no two uses of randomness share a key (and resume re-derives them all).
-RANDOM_STREAMS = {"params": 0, "steps": 1, "score_norm": 2, "validation": 3, "prior": 4}
+RANDOM_STREAMS = {"params": 0, "steps": 1, "score_norm": 2, "validation": 3}
 
 
 def stream_key(seed: int, stream: str) -> Array:

@@ -26,7 +26,7 @@ from symat_jax.checkpoints import start_run
 from symat_jax.configs import TrainConfig
 from symat_jax.data import CrystalDataset, load_split
 from symat_jax.input_pipeline import PadBudget, dense_batch, epoch_batches, lattice_features, max_elements, pad_budgets
-from symat_jax.model import SyMat, coordinate_scores, decode_composition
+from symat_jax.model import SyMat, coordinate_scores, decode_composition, score_graphs
 from symat_jax.neighbors import required_image_range
 from symat_jax.run import LatticeStandardizer, RunStatics, TrainState
 
@@ -65,10 +65,8 @@ class Trainer:
         enc = graphs.encoder_edge_graph(batch["enc"])
         b = batch["crystal_mask"].shape[0]
         _, noisy, lattice, _ = self._noisy_positions(batch, key)
-        nl = jax.vmap(functools.partial(score.score_graph, config=self.graph_config))(
-            noisy, lattice, jnp.asarray(batch["atom_mask"]))
-        sg, _ = graphs.score_edge_graph(nl, jnp.asarray(batch["atomic_numbers"]), jnp.asarray(batch["atom_mask"]),
-                                        self._num_nodes(batch))
+        sg, _, _ = score_graphs(noisy, lattice, jnp.asarray(batch["atomic_numbers"]), jnp.asarray(batch["atom_mask"]),
+                                graph_config=self.graph_config, num_nodes=self._num_nodes(batch))
         params = self.model.init(run.stream_key(seed, "params"), enc, jnp.asarray(batch["lattice_std"]), b + 1, sg, b)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), key=key)
 
