@@ -25,7 +25,8 @@ from symat_jax import configs, run, sampling
 
 log = logging.getLogger("quality_sample")
 
-# name -> (sampler preset, checkpoint, overrides); each row adds one change to the one above it.
+# name -> (sampler preset, checkpoint, overrides); each row adds one change to the one above it. An override
+# "weights" ("raw" | "ema") picks the parameters (default: the preset's, configs.sampler_weights).
 LANGEVIN = dict(step_schedule="norm", noise_schedule="sigma", temp_coord=1.0)
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "paper": ("paper", "best", {}),
@@ -41,6 +42,10 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "default": ("default", "latest", {}),
     "default_50x10": ("default", "latest", dict(steps_per_level=10)),
     "default_25x10": ("default", "latest", dict(num_levels=25, steps_per_level=10)),
+    "default_raw": ("default", "latest", dict(weights="raw")),
+    "default_ema": ("default", "latest", dict(weights="ema")),
+    "default_25x10_raw": ("default", "latest", dict(num_levels=25, steps_per_level=10, weights="raw")),
+    "default_25x10_ema": ("default", "latest", dict(num_levels=25, steps_per_level=10, weights="ema")),
 }
 
 
@@ -48,7 +53,9 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
                    bucket_multiple: int, seed: int) -> dict[str, Any]:
     """Sample ``num`` crystals with variant ``name`` into ``out``; return its summary."""
     preset, checkpoint, overrides = VARIANTS[name]
-    config, statics, params, meta = run.load_run(workdir, checkpoint)
+    overrides = dict(overrides)
+    weights = overrides.pop("weights", configs.sampler_weights(preset))
+    config, statics, params, meta = run.load_run(workdir, checkpoint, weights)
     cfg = configs.get_sampler_config(config.dataset, preset, **overrides)
     prior = run.load_prior(workdir) if cfg.prior == "gmm" else None
     t0 = time.perf_counter()
@@ -59,7 +66,7 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
     (out / "rejects.json").write_text(json.dumps(result.rejects, indent=1))
     summary = {
         "variant": name, "preset": preset, "checkpoint": checkpoint, "checkpoint_epoch": int(meta["epoch"]) + 1,
-        "num_requested": num, "num_written": len(result.atom_types), "num_rejected": len(result.rejects),
+        "weights": meta["weights"], "num_requested": num, "num_written": len(result.atom_types), "num_rejected": len(result.rejects),
         "neighbor_overflow": int(result.overflow.sum()), "compile_seconds": round(result.compile_seconds, 2),
         "run_seconds": round(result.run_seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
         "device": jax.devices()[0].device_kind,

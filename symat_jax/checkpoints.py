@@ -47,10 +47,39 @@ class RunCheckpoints:
         step = epoch if epoch is not None else mngr.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-        out = mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-        )
+        try:
+            out = mngr.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+            )
+        except ValueError as err:
+            return self._restore_older(mngr, step, target, err)
         return out["state"], dict(out["meta"])
+
+    def _restore_older(
+        self, mngr: ocp.CheckpointManager, step: int, target: PyTree, err: ValueError
+    ) -> tuple[PyTree, dict[str, Any]]:
+        """Return ``(state, meta)`` of a checkpoint written before ``target`` gained fields (a train state's EMA).
+
+        The stored fields are restored into ``target``'s structure and the
+        state's ``restore_older`` fills the others; anything else raises ``err``.
+        """
+        stored, _ = self._restore_step(mngr, step)
+        names = {f.name for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else set()
+        if not names or not set(stored) < names or not hasattr(target, "restore_older"):
+            raise err
+        partial = {name: getattr(target, name) for name in stored}
+        out = mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(partial), meta=ocp.args.JsonRestore())
+        )
+        log.warning("checkpoint %d of %s predates the fields %s; they start from its parameters", step,
+                    mngr.directory, sorted(names - set(stored)))
+        return target.restore_older(dict(out["state"])), dict(out["meta"])
+
+    @staticmethod
+    def _restore_step(mngr: ocp.CheckpointManager, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return ``(state as nested dicts, meta)`` of one checkpoint, no target needed."""
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        return dict(out["state"]), dict(out["meta"])
 
     def restore_raw(self, best: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return ``(state as nested dicts, meta)`` of the best (else newest) checkpoint, no target needed."""
@@ -58,8 +87,7 @@ class RunCheckpoints:
         step = mngr.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-        return dict(out["state"]), dict(out["meta"])
+        return self._restore_step(mngr, step)
 
     def close(self) -> None:
         """Release the managers."""

@@ -142,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--decode-temperature", type=positive_float, default=None)
     p.add_argument("--checkpoint", choices=("best", "latest"), default=None,
                    help="which checkpoint (default: the preset's choice)")
+    p.add_argument("--weights", choices=("raw", "ema"), default=None,
+                   help="trained parameters or their moving average (default: the preset's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p = sub.add_parser("fit-prior", help="fit the latent prior of a trained run to its encoded training set")
     _add_data_args(p)
@@ -176,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             summary = run_sample(
                 args.workdir, args.num, args.out, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
-                checkpoint=args.checkpoint, overwrite=args.overwrite, num_levels=args.levels,
+                checkpoint=args.checkpoint, weights=args.weights, overwrite=args.overwrite, num_levels=args.levels,
                 steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
                 prior=args.prior,
                 final_denoise=args.final_denoise, decode=args.decode, decode_temperature=args.decode_temperature,

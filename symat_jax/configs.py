@@ -85,6 +85,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_train: int | None = None  # use only the first N training crystals (quick runs)
     max_val: int | None = None
+    # Decay of the exponential moving average of the parameters kept beside them (0: none). It does not change
+    # training; samplers choose raw or averaged weights (configs.sampler_weights). Carbon-24 trains 7 steps per
+    # epoch, so 0.99 averages over about 14 epochs (0.999 would average over the whole 150-epoch run).
+    ema_decay: float = 0.99
 
     def to_json(self) -> str:
         """Return the config as JSON."""
@@ -93,6 +97,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Return the config stored by :meth:`to_json` (parsed)."""
+        d = {"ema_decay": 0.0, **d}  # runs written before the EMA existed kept none
         model = dict(d["model"])
         model["encoder"] = SphereNetConfig(**model["encoder"])
         model["score_net"] = SphereNetConfig(**model["score_net"])
@@ -182,6 +187,11 @@ DEFAULT_SAMPLER: dict[str, Any] = dict(prior="gmm", step_schedule="norm", step_f
 def sampler_checkpoint(preset: str) -> str:
     """Return which checkpoint of a run a sampler preset uses: ``best`` (validation loss) or ``latest``."""
     return "best" if preset == "paper" else "latest"
+
+
+def sampler_weights(preset: str) -> str:
+    """Return which parameters a sampler preset uses: ``raw`` (trained) or ``ema`` (their moving average)."""
+    return "raw"
 
 
 @dataclasses.dataclass(frozen=True)

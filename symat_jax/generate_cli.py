@@ -48,6 +48,7 @@ def run_sample(
     batch_size: int = 256,
     seed: int = 0,
     checkpoint: str | None = None,
+    weights: str | None = None,
     overwrite: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -55,12 +56,13 @@ def run_sample(
 
     ``preset`` names a sampler preset (:func:`symat_jax.configs.get_sampler_config`);
     ``overrides`` replace its fields (``None`` values are ignored). ``checkpoint``
-    (best or latest) defaults to the preset's choice. A non-empty ``out`` is
+    (best or latest) and ``weights`` (raw or ema) default to the preset's choice. A non-empty ``out`` is
     refused before any work (outputs of two runs never mix) unless
     ``overwrite``, which clears it once the new samples exist.
     """
     check_output_folder(out, overwrite)
-    config, statics, params, meta = load_run(workdir, checkpoint or configs.sampler_checkpoint(preset))
+    config, statics, params, meta = load_run(workdir, checkpoint or configs.sampler_checkpoint(preset),
+                                             weights or configs.sampler_weights(preset))
     cfg = configs.get_sampler_config(config.dataset, preset, **{k: v for k, v in overrides.items() if v is not None})
     prior = load_prior(workdir) if cfg.prior == "gmm" else None
     t0 = time.perf_counter()
@@ -73,6 +75,7 @@ def run_sample(
     summary = {
         "workdir": str(workdir),
         "checkpoint_epoch": int(meta["epoch"]) + 1,
+        "weights": meta["weights"],
         "preset": preset,
         "num_requested": num,
         "num_written": len(result.atom_types),

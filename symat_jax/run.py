@@ -39,6 +39,7 @@ METRICS_FILE = "metrics.jsonl"
 PRIOR_FILE = "prior.npz"
 PRIOR_REPORT_FILE = "prior.json"
 CHECKPOINT_CHOICES = ("best", "latest")
+WEIGHT_CHOICES = ("raw", "ema")
 # The random streams of a run, each derived from the seed with its own fold_in,
 # so no two uses of randomness share a key (and resume re-derives them all).
 RANDOM_STREAMS = {"params": 0, "steps": 1, "score_norm": 2, "validation": 3}
@@ -57,6 +58,15 @@ class TrainState:
     params: Any
     opt_state: Any
     key: Array  # raw key data; the step's key is fold_in(key, step)
+    # Exponential moving average of ``params`` (TrainConfig.ema_decay); None for models that keep none.
+    ema_params: Any = None
+
+    def restore_older(self, stored: dict[str, Any]) -> "TrainState":
+        """Return this state with the fields of an older checkpoint that lacks some (an EMA starts at its params)."""
+        state = self.replace(**stored)
+        if "ema_params" not in stored and self.ema_params is not None:
+            state = state.replace(ema_params=jax.tree_util.tree_map(np.array, stored["params"]))  # a copy: steps donate
+        return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +138,10 @@ class RunStatics:
 
 
 class LoadedRun(NamedTuple):
-    """A run read back for sampling or evaluation: config, statics, parameters and the checkpoint's meta."""
+    """A run read back for sampling or evaluation: config, statics, parameters and the checkpoint's meta.
+
+    ``meta["weights"]`` says which parameters were loaded: ``raw`` or ``ema``.
+    """
 
     config: TrainConfig
     statics: RunStatics
@@ -171,10 +184,17 @@ def write_statics(workdir: str | pathlib.Path, statics: RunStatics) -> None:
     os.replace(tmp, workdir / SCORE_NORM_FILE)
 
 
-def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> LoadedRun:
-    """Return the config, statics, parameters and meta of a trained run (``checkpoint``: best or latest)."""
+def load_run(workdir: str | pathlib.Path, checkpoint: str = "best", weights: str = "raw") -> LoadedRun:
+    """Return the config, statics, parameters and meta of a trained run.
+
+    ``checkpoint``: best or latest; ``weights``: the trained parameters
+    (``raw``) or their moving average (``ema``; a run trained without one
+    gives its raw parameters, and ``meta["weights"]`` says so).
+    """
     if checkpoint not in CHECKPOINT_CHOICES:
         raise ValueError(f"checkpoint must be one of {CHECKPOINT_CHOICES}, got {checkpoint!r}")
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     workdir = pathlib.Path(workdir)
     config = read_config(workdir)
     statics = read_statics(workdir)
@@ -183,7 +203,9 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> LoadedRun
         state, meta = ckpt.restore_raw(best=checkpoint == "best")
     finally:
         ckpt.close()
-    return LoadedRun(config, statics, state["params"], meta)
+    has_ema = weights == "ema" and state.get("ema_params") is not None and config.ema_decay > 0
+    meta["weights"] = "ema" if has_ema else "raw"
+    return LoadedRun(config, statics, state["ema_params" if has_ema else "params"], meta)
 
 
 def load_prior(workdir: str | pathlib.Path) -> MixturePrior:
@@ -195,7 +217,7 @@ def load_prior(workdir: str | pathlib.Path) -> MixturePrior:
 
 
 def export_params(workdir: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib.Path:
-    """Write a light copy of a run into ``dest``: its files and the parameters of its best and latest checkpoints.
+    """Write a light copy of a run into ``dest``: its files and the parameters (and EMA) of its best and latest checkpoints.
 
     No optimiser state (a third of the size): the copy samples and evaluates
     like the original but cannot resume training. Refuses an existing ``dest``.
@@ -215,9 +237,10 @@ def export_params(workdir: str | pathlib.Path, dest: str | pathlib.Path) -> path
     try:
         best_state, best_meta = src.restore_raw(best=True)
         last_state, last_meta = src.restore_raw(best=False)
-        out.save(int(best_meta["epoch"]), {"params": best_state["params"]}, best_meta, is_best=True)
+        light = lambda state: {k: state[k] for k in ("params", "ema_params") if state.get(k) is not None}  # noqa: E731
+        out.save(int(best_meta["epoch"]), light(best_state), best_meta, is_best=True)
         if int(last_meta["epoch"]) != int(best_meta["epoch"]):
-            out.save(int(last_meta["epoch"]), {"params": last_state["params"]}, last_meta, is_best=False)
+            out.save(int(last_meta["epoch"]), light(last_state), last_meta, is_best=False)
     finally:
         src.close()
         out.close()

@@ -68,7 +68,8 @@ class Trainer:
         sg, _, _ = score_graphs(noisy, lattice, jnp.asarray(batch["atomic_numbers"]), jnp.asarray(batch["atom_mask"]),
                                 graph_config=self.graph_config, num_nodes=self._num_nodes(batch))
         params = self.model.init(run.stream_key(seed, "params"), enc, jnp.asarray(batch["lattice_std"]), b + 1, sg, b)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), key=key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), key=key,
+                          ema_params=jax.tree_util.tree_map(jnp.copy, params))  # own buffers: steps donate both
 
     # -- forward -------------------------------------------------------------
 
@@ -182,8 +183,11 @@ class Trainer:
             jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
         )
         keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
+        params = keep(params, state.params)
+        decay = self.config.ema_decay
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         new_state = state.replace(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
+            step=state.step + 1, params=params, opt_state=keep(opt_state, state.opt_state), ema_params=ema
         )
         metrics["skipped"] = (~finite).astype(jnp.int32)
         return new_state, metrics
@@ -273,8 +277,8 @@ def train(
     if resume and config_path.exists():
         stored = run.read_config(workdir)
         if stored != config:
-            # Only the schedule may change on resume (e.g. more epochs).
-            if dataclasses.replace(stored, epochs=config.epochs) != config:
+            # Only the schedule (e.g. more epochs) and the EMA decay (it does not change training) may change.
+            if dataclasses.replace(stored, epochs=config.epochs, ema_decay=config.ema_decay) != config:
                 raise ValueError(f"{config_path} differs from the requested config; resume with the same settings")
     run.write_text_atomic(config_path, config.to_json())
 
@@ -306,6 +310,9 @@ def train(
             log.warning("%d steps had a non-finite loss or gradient; their updates were skipped, the state kept",
                         int(train_metrics["skipped"]))
         val_metrics = evaluate(trainer, state.params, val_data, val_budgets, config.seed)
+        ema = {}
+        if config.ema_decay > 0:
+            ema["val_ema"] = evaluate(trainer, state.ema_params, val_data, val_budgets, config.seed)
         seconds = round(time.perf_counter() - t0, 3)
         record = {
             "step": int(state.step),
@@ -313,6 +320,7 @@ def train(
             "epoch_seconds": seconds,
             "train": train_metrics,
             "val": val_metrics,
+            **ema,
             # Programs traced so far in this process (one per pad budget at most).
             "compilations": dict(trainer.traces),
         }
