@@ -177,3 +177,40 @@ def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run,
     assert "not empty" in capsys.readouterr().err and _folder_digest(out) == before
     assert cli.main(args + ["--seed", "1", "--overwrite", "--preset", "paper"]) == 0
     assert json.loads((out / "summary.json").read_text())["preset"] == "paper"
+
+
+def test_the_weight_average_follows_the_parameters_and_older_checkpoints_gain_one(full_run, tiny_config, tiny_data,
+                                                                                  tmp_path):
+    workdir, _ = full_run
+    statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    trainer = train.get_trainer(tiny_config, statics)
+    d = tiny_config.ema_decay
+    assert 0 < d < 1
+    budgets = input_pipeline.pad_budgets(tiny_data[0], tiny_config.batch_size, tiny_config.num_buckets, seed=0)
+    batch = next(epoch_batches(tiny_data[0], np.arange(8), budgets, 8, 24, statics.element_slots, statics.lattice))
+    state = trainer.init_state(batch, 0)
+    seen = [jax.tree_util.tree_map(np.array, state.params)]
+    for _ in range(2):
+        state, _ = trainer.train_step(state, batch)
+        seen.append(jax.tree_util.tree_map(np.array, state.params))
+    expected = jax.tree_util.tree_map(lambda a, b, c: d * d * a + d * (1 - d) * b + (1 - d) * c, *seen)
+    for x, y in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(state.ema_params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(jax.tree_util.tree_leaves(seen[2])[0], jax.tree_util.tree_leaves(state.ema_params)[0])
+
+    # A checkpoint written before the average existed restores with it started at its parameters.
+    old = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "key": state.key}
+    ckpt = RunCheckpoints(tmp_path)
+    ckpt.save(0, old, {"epoch": 0}, is_best=False)
+    restored, _ = ckpt.restore(trainer.init_state(batch, 1))
+    ckpt.close()
+    for x, y in zip(jax.tree_util.tree_leaves(restored.params), jax.tree_util.tree_leaves(restored.ema_params)):
+        np.testing.assert_array_equal(x, y)
+    assert int(restored.step) == 2
+
+    # Sampling code picks either set; the raw and averaged parameters differ after training.
+    raw, ema = run.load_run(workdir, "latest", "raw"), run.load_run(workdir, "latest", "ema")
+    assert raw.meta["weights"] == "raw" and ema.meta["weights"] == "ema"
+    assert not np.allclose(jax.tree_util.tree_leaves(raw.params)[0], jax.tree_util.tree_leaves(ema.params)[0])
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["val_ema"]["loss"]) for r in lines)
