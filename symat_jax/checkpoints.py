@@ -14,6 +14,16 @@ PyTree = Any
 log = logging.getLogger(__name__)
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint whose files cannot be read back (truncated, deleted or corrupted)."""
+
+    def __init__(self, directory: Any, step: int, cause: Exception) -> None:
+        """Record which checkpoint (0-based ``step`` in ``directory``) failed and why."""
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        super().__init__(f"the checkpoint of epoch {step + 1} ({directory}/{step}) is damaged ({first})")
+        self.directory, self.step = directory, step
+
+
 class RunCheckpoints:
     """The checkpoints of one work directory: ``checkpoints/`` (latest N) and ``best/`` (best validation loss)."""
 
@@ -52,8 +62,37 @@ class RunCheckpoints:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
             )
         except ValueError as err:
-            return self._restore_older(mngr, step, target, err)
+            try:
+                return self._restore_older(mngr, step, target, err)
+            except Exception as again:  # noqa: BLE001  (tensorstore raises several types for damaged files)
+                raise DamagedCheckpointError(mngr.directory, step, again) from again
+        except Exception as err:  # noqa: BLE001
+            raise DamagedCheckpointError(mngr.directory, step, err) from err
         return out["state"], dict(out["meta"])
+
+    def restore_newest_intact(self, target: PyTree) -> tuple[PyTree, dict[str, Any]]:
+        """Return ``(state, meta)`` of the newest checkpoint that restores; damaged newer ones are moved aside.
+
+        They go to ``damaged_checkpoints/<step>`` beside ``checkpoints/`` (kept
+        for the user, out of the way of the epochs that are trained again).
+        """
+        errors = []
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                restored = self.restore(target, epoch=step)
+            except DamagedCheckpointError as err:
+                errors.append(err)
+                log.warning("%s; trying the one before it", err)
+                continue
+            for err in errors:
+                aside = self.latest.directory.parent / "damaged_checkpoints" / str(err.step)
+                aside.parent.mkdir(exist_ok=True)
+                (self.latest.directory / str(err.step)).rename(aside)
+                log.warning("moved the damaged checkpoint to %s", aside)
+            if errors:
+                self.latest.reload()
+            return restored
+        raise errors[0] if errors else FileNotFoundError(f"no checkpoint in {self.latest.directory}")
 
     def _restore_older(
         self, mngr: ocp.CheckpointManager, step: int, target: PyTree, err: ValueError
@@ -81,13 +120,19 @@ class RunCheckpoints:
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         return dict(out["state"]), dict(out["meta"])
 
-    def restore_raw(self, best: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Return ``(state as nested dicts, meta)`` of the best (else newest) checkpoint, no target needed."""
-        mngr = self.best if best and self.best.latest_step() is not None else self.latest
-        step = mngr.latest_step()
+    def restore_raw(self, best: bool = True, epoch: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return ``(state as nested dicts, meta)`` of the best (else newest, or given 0-based ``epoch``) checkpoint."""
+        mngr = self.best if best and epoch is None and self.best.latest_step() is not None else self.latest
+        step = mngr.latest_step() if epoch is None else epoch
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-        return self._restore_step(mngr, step)
+        if step not in mngr.all_steps():
+            kept = ", ".join(str(s + 1) for s in sorted(self.latest.all_steps())) or "none"
+            raise FileNotFoundError(f"no checkpoint of epoch {step + 1} in {mngr.directory} (kept epochs: {kept})")
+        try:
+            return self._restore_step(mngr, step)
+        except Exception as err:  # noqa: BLE001  (tensorstore raises several types for damaged files)
+            raise DamagedCheckpointError(mngr.directory, step, err) from err
 
     def close(self) -> None:
         """Release the managers."""
@@ -122,7 +167,11 @@ def start_run(workdir: str | pathlib.Path, keep: int, state: PyTree, resume: boo
     if not resume:
         ckpt.close()
         raise ValueError(f"{workdir} already holds a run; pass --resume to continue it, or choose another workdir")
-    state, meta = ckpt.restore(state)
+    try:
+        state, meta = ckpt.restore_newest_intact(state)
+    except Exception:
+        ckpt.close()
+        raise
     epoch = int(meta["epoch"])
     log.info("resumed %s from epoch %d", workdir, epoch + 1)
     if metrics_path.exists():

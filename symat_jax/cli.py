@@ -53,8 +53,8 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
         help="run folder: config, checkpoints, metrics.jsonl" + (f" (default {workdir_default})" if workdir_default else ""),
     )
     parser.add_argument("--preset", default="paper", choices=PRESETS)
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--epochs", type=positive_int, default=None, help="override the preset's number of epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
 
@@ -90,6 +90,16 @@ def _positive(text: str, integer: bool) -> float:
     return value
 
 
+def checkpoint_choice(text: str) -> str:
+    """Return ``text`` if it names a checkpoint: best, latest or an epoch number (argparse type)."""
+    from symat_jax.run import checkpoint_choice as check
+
+    try:
+        return check(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def positive_int(text: str) -> int:
     """Return ``text`` as an integer >= 1 (argparse type)."""
     return int(_positive(text, integer=True))
@@ -114,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("preprocess", help="canonicalise a dataset and cache its CrystalNN graphs")
     _add_data_args(p)
     p.add_argument("--splits", nargs="+", default=list(registry.SPLITS), choices=registry.SPLITS)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     p = sub.add_parser("train", help="train SyMat (resumable; orbax checkpoints in --workdir)")
     _add_data_args(p)
     add_train_args(p)
@@ -140,20 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decode", choices=("argmax", "sample"), default=None)
     p.add_argument("--decode-temperature", type=positive_float, default=None)
-    p.add_argument("--checkpoint", choices=("best", "latest"), default=None,
-                   help="which checkpoint (default: the preset's choice)")
+    p.add_argument("--checkpoint", type=checkpoint_choice, default=None,
+                   help="best, latest or a kept epoch's number (default: the preset's choice)")
     p.add_argument("--weights", choices=("raw", "ema"), default=None,
                    help="trained parameters or their moving average (default: the preset's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p = sub.add_parser("fit-prior", help="fit the latent prior of a trained run to its encoded training set")
     _add_data_args(p)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--checkpoint", choices=("best", "latest"), default="latest")
+    p.add_argument("--checkpoint", type=checkpoint_choice, default="latest", help="best, latest or a kept epoch's number")
     p = sub.add_parser("train-property", help="train the property model used by the evaluation's property EMD")
     _add_data_args(p)
     p.add_argument("--workdir", required=True)
     p.add_argument("--preset", default="default", choices=("default", "quick"))
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--resume", action="store_true")
     p = sub.add_parser("evaluate", help="CDVAE metrics of generated crystals (validity, COV-R/COV-P, EMDs)")
     _add_data_args(p)
@@ -162,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--property-model", default=None, help="workdir of `symat train-property` (else property_emd is null)")
     p.add_argument("--out", default=None, help="write the report here as JSON")
     p.add_argument("--comp-scaler", default=None, help="comp_scaler.json (default: <data root>/comp_scaler.json)")
-    p.add_argument("--workers", type=int, default=None, help="processes for fingerprints (default: all cores)")
-    p.add_argument("--num-property-samples", type=int, default=1000)
+    p.add_argument("--workers", type=positive_int, default=None, help="processes for fingerprints (default: all cores)")
+    p.add_argument("--num-property-samples", type=positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-idx", type=int, default=0, help="evaluation index of CDVAE files with a leading axis")
     args = parser.parse_args(argv)

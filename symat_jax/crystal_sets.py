@@ -11,15 +11,33 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import pathlib
+import zipfile
 
 import numpy as np
 
 from symat_jax.data import ragged
 from symat_jax.data.dataset import CrystalDataset
+from symat_jax.files import read_json
 from symat_jax.input_pipeline import pad_atoms
+
+
+def _check_samples(file: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    """Raise ValueError naming ``file`` when its arrays cannot be crystals (the CDVAE layout's rules)."""
+    num, types = arrays["num_atoms"], arrays["atom_types"]
+    if num.size == 0:
+        raise ValueError(f"{file} holds no crystals")
+    for name in ("num_atoms", "atom_types"):
+        x = arrays[name]
+        if not (np.issubdtype(x.dtype, np.number) and np.all(np.isfinite(x)) and np.all(x == np.round(x))):
+            bad = x[~(np.isfinite(x) & (x == np.round(x)))] if np.issubdtype(x.dtype, np.number) else x[:1]
+            raise ValueError(f"{file}: {name} holds values that are not whole numbers (e.g. {bad.flat[0]})")
+    if np.any(num < 0):
+        raise ValueError(f"{file}: num_atoms holds a negative count ({int(num.min())})")
+    outside = types[(types < 1) | (types > 118)]
+    if outside.size:
+        raise ValueError(f"{file}: atom_types holds {int(outside[0])}, not an atomic number (1-118)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,16 +122,25 @@ class CrystalSet:
         file = path / "samples.npz" if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"{file} does not exist")
+        keys = ("num_atoms", "atom_types", "frac_coords", "lengths", "angles")
         try:
-            with np.load(file) as z:
-                arrays = {k: z[k] for k in ("num_atoms", "atom_types", "frac_coords", "lengths", "angles")}
-        except KeyError as err:
-            raise ValueError(f"{file}: not in the CDVAE layout (missing {err}); needs num_atoms, atom_types, "
-                             "frac_coords, lengths, angles") from None
+            with np.load(file, allow_pickle=False) as z:
+                missing = [k for k in keys if k not in z.files]
+                if missing:
+                    raise ValueError(f"{file}: not in the CDVAE layout (missing {', '.join(repr(k) for k in missing)}); "
+                                     f"needs {', '.join(keys)}")
+                arrays = {k: z[k] for k in keys}
+        except (OSError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{file} is not a readable .npz ({err})") from None
+        except ValueError as err:
+            if str(file) in str(err):
+                raise
+            raise ValueError(f"{file} is not a readable .npz ({err})") from None
         if arrays["num_atoms"].ndim == 2:
             arrays = {k: v[batch_idx] for k, v in arrays.items()}
+        _check_samples(file, arrays)
         rejects = folder / "rejects.json"
-        num_rejected = len(json.loads(rejects.read_text())) if rejects.exists() else 0
+        num_rejected = len(read_json(rejects)) if rejects.exists() else 0
         try:
             return cls(arrays["num_atoms"].astype(np.int64), arrays["atom_types"].astype(np.int64),
                        arrays["frac_coords"].astype(float), arrays["lengths"].astype(float),

@@ -10,6 +10,7 @@ from typing import Any
 from symat_jax import metrics
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import read_csv, registry
+from symat_jax.files import check_new_file, write_text_atomic
 
 REQUIRED_KEYS = ("num_samples", "struct_validity", "comp_validity", "cov_recall", "cov_precision",
                  "density_emd", "num_elements_emd", "property_emd")
@@ -30,8 +31,9 @@ def run_evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Return (and write to ``out`` as JSON) the CDVAE report of ``samples`` against ``reference`` (default: the test split)."""
-    if out and pathlib.Path(out).is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name for the JSON report (e.g. {out}/metrics.json)")
+    # Every input and the output path are checked before the fingerprints (minutes): no finished work is lost.
+    if out:
+        check_new_file(out, "--out")
     t0 = time.perf_counter()
     if str(samples).endswith(".csv"):
         # A CDVAE CSV as the generated side: the protocol's self-check (test split vs itself).
@@ -39,8 +41,6 @@ def run_evaluate(
                                                      progress=progress))
     else:
         generated = CrystalSet.from_samples(samples, batch_idx)
-    ref_path = pathlib.Path(reference) if reference else registry.split_path(dataset, "test", data_root)
-    ref_data = read_csv(ref_path, dataset, with_graph=False, num_workers=workers, progress=progress)
     scaler_path = pathlib.Path(comp_scaler) if comp_scaler else registry.resolve_data_root(data_root) / "comp_scaler.json"
     scaler = metrics.CompScaler.from_json(scaler_path)
     predictor = None
@@ -48,6 +48,8 @@ def run_evaluate(
         from symat_jax.property_model import load_property_model
 
         predictor = load_property_model(property_model)
+    ref_path = pathlib.Path(reference) if reference else registry.split_path(dataset, "test", data_root)
+    ref_data = read_csv(ref_path, dataset, with_graph=False, num_workers=workers, progress=progress)
     report = metrics.evaluate(
         generated, CrystalSet.from_dataset(ref_data), dataset, scaler, predictor,
         num_property_samples=num_property_samples, seed=seed, workers=workers, progress=progress,
@@ -61,5 +63,5 @@ def run_evaluate(
     if out:
         path = pathlib.Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1))
+        write_text_atomic(path, json.dumps(report, indent=1))
     return report

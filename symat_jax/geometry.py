@@ -109,7 +109,7 @@ def cell_defect(lengths: np.ndarray, angles: np.ndarray, num_atoms: int = 1) -> 
     if not (np.all(np.isfinite(lengths)) and np.all(np.isfinite(angles))):
         return "NaN or infinite lattice parameter"
     if np.any(lengths <= 0):
-        return "non-positive lattice length"
+        return f"non-positive lattice length ({lengths[0]:.4g}, {lengths[1]:.4g}, {lengths[2]:.4g} A)"
     factor = volume_factor(angles)
     if np.any(angles <= 0) or np.any(angles >= 180) or factor <= 0:
         return f"degenerate lattice angles ({angles[0]:.4g}, {angles[1]:.4g}, {angles[2]:.4g}): no such cell"

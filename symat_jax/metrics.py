@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from symat_jax import hostpool
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import registry
 from symat_jax.data.canonical import to_structure
+from symat_jax.files import read_json
 from symat_jax.geometry import cell_defect
 
 log = logging.getLogger(__name__)
@@ -330,8 +330,11 @@ class CompScaler:
         path = pathlib.Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: the composition scaler ships beside the datasets")
-        d = json.loads(path.read_text())
-        means, stds = np.asarray(d["means"], float), np.asarray(d["stds"], float)
+        d = read_json(path, ("means", "stds"))
+        try:
+            means, stds = np.asarray(d["means"], float), np.asarray(d["stds"], float)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: means and stds must be lists of numbers ({err})") from None
         if means.shape != (COMP_FP_SIZE,) or stds.shape != (COMP_FP_SIZE,):
             raise ValueError(f"{path}: expected {COMP_FP_SIZE} means and stds, got {means.shape} / {stds.shape}")
         return cls(means, stds)
@@ -450,6 +453,10 @@ def evaluate(
     Crystals the sampler rejected (``generated.num_rejected``) count as
     generated but not constructed: invalid, and misses for COV-P.
     """
+    if len(generated) + generated.num_rejected == 0:
+        raise ValueError("no generated crystals to evaluate (the rates would be 0/0)")
+    if len(reference) == 0:
+        raise ValueError("no reference crystals to compare with")
     gen = score_crystals(generated, workers, progress, cache_dir, desc="fingerprints (generated)")
     ref = score_crystals(reference, workers, progress, cache_dir, desc="fingerprints (reference)")
     total = len(generated) + generated.num_rejected

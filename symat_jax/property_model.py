@@ -35,7 +35,8 @@ from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import load_split, registry
 from symat_jax.neighbors import nearest_with_ties, periodic_neighbors, required_image_range
 from symat_jax.networks import NUM_ELEMENTS, SphereNet, swish
-from symat_jax.run import TrainState, stream_key
+from symat_jax.files import check_folder_path, read_json, write_text_atomic
+from symat_jax.run import TrainState, holds_run, stream_key
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -194,9 +195,10 @@ def load_property_model(workdir: str | pathlib.Path) -> PropertyPredictor:
     workdir = pathlib.Path(workdir)
     path = workdir / "property_config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: train one with `symat train-property --workdir {workdir}`")
-    config = PropertyConfig.from_dict(json.loads(path.read_text()))
-    stats = PropertyStats.from_json((workdir / "property_stats.json").read_text())
+        raise FileNotFoundError(f"{workdir} holds no property model ({path.name} is missing): train one with "
+                                f"`symat train-property --workdir {workdir}`")
+    config = PropertyConfig.from_dict(read_json(path, ("dataset", "encoder")))
+    stats = PropertyStats.from_json(json.dumps(read_json(workdir / "property_stats.json")))
     ckpt = RunCheckpoints(workdir)
     state, _ = ckpt.restore_raw(best=True)
     ckpt.close()
@@ -225,14 +227,17 @@ def train_property(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) a property model in ``workdir``; return its test metrics (MAE beside the mean-predictor MAE)."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = check_folder_path(workdir, "--workdir")
     config_path = workdir / "property_config.json"
+    # Refusals and inputs first: a refused or failed command writes nothing.
+    if (workdir / "config.json").exists():
+        raise ValueError(f"{workdir} already holds a SyMat run; give the property model its own --workdir")
+    if not resume and holds_run(workdir):
+        raise ValueError(f"{workdir} already holds a run; pass --resume to continue it, or choose another workdir")
     if resume and config_path.exists():
-        stored = PropertyConfig.from_dict(json.loads(config_path.read_text()))
+        stored = PropertyConfig.from_dict(read_json(config_path))
         if dataclasses.replace(stored, epochs=config.epochs) != config:
             raise ValueError(f"{config_path} differs from the requested config; resume with the same settings")
-    config_path.write_text(config.to_json())
 
     train, y_train = _split(config.dataset, "train", data_root, progress)
     if config.max_train is not None and config.max_train < len(train):
@@ -243,7 +248,9 @@ def train_property(
         float(y_train.mean()), float(y_train.std() or 1.0),
         _image_range(train.lengths, train.angles, config.encoder.cutoff), registry.get_info(config.dataset).property_column,
     )
-    (workdir / "property_stats.json").write_text(stats.to_json())
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(config_path, config.to_json())
+    write_text_atomic(workdir / "property_stats.json", stats.to_json())
     steps_per_epoch = -(-len(train) // config.batch_size)
     init, train_step = _training(config, stats.max_images, steps_per_epoch * config.epochs)
     dense = train.dense(config.max_atoms)

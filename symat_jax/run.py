@@ -26,7 +26,8 @@ import flax
 import jax
 import numpy as np
 
-from symat_jax.checkpoints import RunCheckpoints
+from symat_jax.checkpoints import DamagedCheckpointError, RunCheckpoints
+from symat_jax.files import read_json, write_text_atomic  # noqa: F401  (write_text_atomic: run's writers)
 from symat_jax.configs import TrainConfig
 from symat_jax.prior import MixturePrior
 
@@ -149,13 +150,6 @@ class LoadedRun(NamedTuple):
     meta: dict[str, Any]
 
 
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def holds_run(workdir: str | pathlib.Path) -> bool:
     """Return whether ``workdir`` already holds a run (a checkpoint of one), without creating anything."""
     folder = pathlib.Path(workdir) / "checkpoints"
@@ -167,12 +161,21 @@ def read_config(workdir: str | pathlib.Path) -> TrainConfig:
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: {workdir} holds no SyMat run")
-    return TrainConfig.from_dict(json.loads(path.read_text()))
+    data = read_json(path, ("dataset", "model"))
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, KeyError, ValueError) as err:
+        raise ValueError(f"{path} is not a SyMat training config ({err})") from None
 
 
 def read_statics(workdir: str | pathlib.Path) -> RunStatics:
     """Return the statics stored in a run folder."""
-    return RunStatics.from_json((pathlib.Path(workdir) / STATICS_FILE).read_text())
+    path = pathlib.Path(workdir) / STATICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the run in {workdir} lacks its statics (score normaliser, "
+                                "lattice standardiser); copy it back from a backup of the run")
+    data = read_json(path, ("score_norm", "max_images", "element_slots", "lattice"))
+    return RunStatics.from_json(json.dumps(data))
 
 
 def write_statics(workdir: str | pathlib.Path, statics: RunStatics) -> None:
@@ -184,15 +187,22 @@ def write_statics(workdir: str | pathlib.Path, statics: RunStatics) -> None:
     os.replace(tmp, workdir / SCORE_NORM_FILE)
 
 
+def checkpoint_choice(text: str) -> str:
+    """Return ``text`` if it names a checkpoint: ``best``, ``latest`` or an epoch number (ValueError otherwise)."""
+    if text in CHECKPOINT_CHOICES or (text.isdigit() and int(text) >= 1):
+        return text
+    raise ValueError(f"a checkpoint is best, latest or an epoch number (1, 2, ...), got {text!r}")
+
+
 def load_run(workdir: str | pathlib.Path, checkpoint: str = "best", weights: str = "raw") -> LoadedRun:
     """Return the config, statics, parameters and meta of a trained run.
 
-    ``checkpoint``: best or latest; ``weights``: the trained parameters
-    (``raw``) or their moving average (``ema``; a run trained without one
-    gives its raw parameters, and ``meta["weights"]`` says so).
+    ``checkpoint``: best, latest or a kept epoch's number; ``weights``: the
+    trained parameters (``raw``) or their moving average (``ema``; a run
+    trained without one gives its raw parameters, and ``meta["weights"]`` says so).
+    A damaged checkpoint is an error that names the others to try.
     """
-    if checkpoint not in CHECKPOINT_CHOICES:
-        raise ValueError(f"checkpoint must be one of {CHECKPOINT_CHOICES}, got {checkpoint!r}")
+    checkpoint = checkpoint_choice(str(checkpoint))
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     workdir = pathlib.Path(workdir)
@@ -200,7 +210,13 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best", weights: str
     statics = read_statics(workdir)
     ckpt = RunCheckpoints(workdir)
     try:
-        state, meta = ckpt.restore_raw(best=checkpoint == "best")
+        epoch = int(checkpoint) - 1 if checkpoint.isdigit() else None
+        state, meta = ckpt.restore_raw(best=checkpoint == "best", epoch=epoch)
+    except DamagedCheckpointError as err:
+        kept = [str(s + 1) for s in sorted(ckpt.latest.all_steps(), reverse=True) if s != err.step]
+        others = ["`--checkpoint best`"] if checkpoint != "best" else ["`--checkpoint latest`"]
+        others += [f"`--checkpoint {k}`" for k in kept[:2]]
+        raise ValueError(f"{err}; {' or '.join(others)} loads another") from None
     finally:
         ckpt.close()
     has_ema = weights == "ema" and state.get("ema_params") is not None and config.ema_decay > 0

@@ -24,6 +24,7 @@ import optax
 from symat_jax import geometry, graphs, latents, losses, loop, run, score
 from symat_jax.checkpoints import start_run
 from symat_jax.configs import TrainConfig
+from symat_jax.files import check_folder_path
 from symat_jax.data import CrystalDataset, load_split
 from symat_jax.input_pipeline import PadBudget, dense_batch, epoch_batches, lattice_features, max_elements, pad_budgets
 from symat_jax.model import SyMat, coordinate_scores, decode_composition, score_graphs
@@ -268,25 +269,28 @@ def train(
 
     ``datasets`` (train, val) skips loading from disk.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = check_folder_path(workdir, "--workdir")
     config_path = workdir / run.CONFIG_FILE
-    # Every refusal comes before the first write: a refused command leaves the folder as it was.
+    # Every refusal and every input comes before the first write: a refused or failed command leaves the folder
+    # as it was (and creates none).
     if not resume and run.holds_run(workdir):
         raise ValueError(f"{workdir} already holds a run; pass --resume to continue it, or choose another workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
     if resume and config_path.exists():
         stored = run.read_config(workdir)
         if stored != config:
             # Only the schedule (e.g. more epochs) and the EMA decay (it does not change training) may change.
             if dataclasses.replace(stored, epochs=config.epochs, ema_decay=config.ema_decay) != config:
                 raise ValueError(f"{config_path} differs from the requested config; resume with the same settings")
-    run.write_text_atomic(config_path, config.to_json())
+    if resume and not run.holds_run(workdir):
+        log.warning("%s holds no checkpoint to resume; starting a new run there", workdir)
 
     if datasets is None:
         train_data = load_split(config.dataset, "train", data_root, progress=progress)
         val_data = load_split(config.dataset, "val", data_root, progress=progress)
     else:
         train_data, val_data = datasets
+    workdir.mkdir(parents=True, exist_ok=True)
+    run.write_text_atomic(config_path, config.to_json())
     train_data = _subset(train_data, config.max_train)
     val_data = _subset(val_data, config.max_val)
 

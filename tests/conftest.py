@@ -74,3 +74,36 @@ def write_csv(path: pathlib.Path, rows: list[dict[str, str]]) -> pathlib.Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(data_root, tmp_path_factory):
+    """Return (train, val): 24 and 8 Carbon-24 crystals."""
+    tmp = tmp_path_factory.mktemp("train")
+    rows = csv_rows(data_root / "carbon_24" / "train.csv")
+    tr = read_csv(write_csv(tmp / "train.csv", rows[:24]), "carbon_24", cache_dir=tmp, progress=False)
+    va = read_csv(write_csv(tmp / "val.csv", rows[24:32]), "carbon_24", cache_dir=tmp, progress=False)
+    return tr, va
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Return the training config of the tiny run: the tiny model, 4 epochs of batch 8."""
+    import dataclasses
+
+    from symat_jax import configs
+    from test_model import CONFIG as TINY_MODEL
+
+    base = configs.get_config("carbon_24", "quick")
+    return dataclasses.replace(base, model=TINY_MODEL, batch_size=8, epochs=4, num_buckets=2, max_train=None,
+                               max_val=None, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="session")
+def full_run(tiny_config, tiny_data, tmp_path_factory):
+    """Return ``(workdir, last record)`` of the tiny run, trained once per session (tests must not change it)."""
+    from symat_jax import train
+
+    workdir = tmp_path_factory.mktemp("run_full")
+    record = train.train(tiny_config, workdir, datasets=tiny_data, progress=False)
+    return workdir, record

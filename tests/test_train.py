@@ -9,36 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from symat_jax import cli, configs, input_pipeline, run, train
+from symat_jax import cli, input_pipeline, run, train
 from symat_jax.checkpoints import RunCheckpoints
-from symat_jax.data import read_csv
 from symat_jax.input_pipeline import epoch_batches
-
-from conftest import csv_rows, write_csv
-from test_model import CONFIG as TINY_MODEL
-
-
-@pytest.fixture(scope="module")
-def tiny_data(data_root, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train")
-    rows = csv_rows(data_root / "carbon_24" / "train.csv")
-    tr = read_csv(write_csv(tmp / "train.csv", rows[:24]), "carbon_24", cache_dir=tmp, progress=False)
-    va = read_csv(write_csv(tmp / "val.csv", rows[24:32]), "carbon_24", cache_dir=tmp, progress=False)
-    return tr, va
-
-
-@pytest.fixture(scope="module")
-def tiny_config():
-    base = configs.get_config("carbon_24", "quick")
-    return dataclasses.replace(base, model=TINY_MODEL, batch_size=8, epochs=4, num_buckets=2, max_train=None,
-                               max_val=None, learning_rate=3e-3)
-
-
-@pytest.fixture(scope="module")
-def full_run(tiny_config, tiny_data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run_full")
-    record = train.train(tiny_config, workdir, datasets=tiny_data, progress=False)
-    return workdir, record
 
 
 def _params(workdir, config, data):

@@ -200,14 +200,17 @@ def process_row(cif: str, max_atoms: int, with_graph: bool) -> CanonicalCrystal:
 
     if not cif or not cif.strip():
         raise BadCrystalError("empty CIF")
+    # Before pymatgen: it reads a negative length as a different, valid cell.
+    _raise_if_bad_cell(cif)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
             structure = Structure.from_str(cif, fmt="cif")
     except Exception as err:  # pymatgen's CIF parser raises many types
-        _raise_if_bad_cell(cif)  # a clearer reason than "no structures"
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BadCrystalError(f"unparsable CIF ({msg})") from None
+        # The parser's warnings say why it found "no structures" (e.g. overlapping sites).
+        why = "; ".join(dict.fromkeys(str(w.message).strip().splitlines()[0] for w in said if str(w.message).strip()))
+        raise BadCrystalError(f"unparsable CIF ({msg}{': ' + why if why else ''})") from None
     crystal = canonicalize(structure, max_atoms)
     if not with_graph:
         return crystal
@@ -297,8 +300,19 @@ def read_csv(
                 _report_rows(csv_path, data)
                 return data
 
-    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
-    if rows and "cif" not in rows[0]:
+    if not raw.strip():
+        raise ValueError(f"{csv_path} is empty: a CDVAE CSV has a header (material_id, cif, ...) and one row per crystal")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{csv_path} is not UTF-8 text (byte {err.start}, line {line}: {raw[err.start:err.start + 1]!r}); "
+                         "save it as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text))
+    rows = list(reader)
+    if not rows:
+        raise ValueError(f"{csv_path} has no data rows (header: {', '.join(reader.fieldnames or [])})")
+    if "cif" not in rows[0]:
         raise ValueError(f"{csv_path}: no 'cif' column (columns: {', '.join(rows[0])})")
     ids = [str(r.get("material_id") or f"row {k}") for k, r in enumerate(rows)]
     results = hostpool.parallel_map(

@@ -66,6 +66,8 @@ def split_path(
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     root = resolve_data_root(data_root)
+    if root.is_file():
+        raise DatasetNotFoundError(f"the data root {root} is a file; give the folder holding {dataset}/{split}.csv")
     path = root / dataset / f"{split}.csv"
     if path.exists():
         return path
@@ -77,14 +79,19 @@ def split_path(
         raise DatasetNotFoundError(f"{path} does not exist. {where}")
     url = f"{os.environ.get(DOWNLOAD_URL_ENV, DEFAULT_DOWNLOAD_URL).rstrip('/')}/{dataset}/{split}.csv"
     tmp = path.with_suffix(".csv.part")
+    made = [p for p in (root, path.parent) if not p.exists()]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Folders are made only once the file is in hand: a failed download leaves nothing behind.
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except (urllib.error.URLError, OSError, ValueError) as err:
         tmp.unlink(missing_ok=True)
+        for folder in reversed(made):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise DatasetNotFoundError(
             f"{path} does not exist and downloading {url} failed ({err}). {where}"
         ) from err
