@@ -76,18 +76,15 @@ def write_csv(path: pathlib.Path, rows: list[dict[str, str]]) -> pathlib.Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_data(data_root, tmp_path_factory):
-    """Return (train, val): 24 and 8 Carbon-24 crystals."""
-    tmp = tmp_path_factory.mktemp("train")
+def make_tiny_data(data_root: pathlib.Path, folder: pathlib.Path):
+    """Return (train, val) of the tiny run: the first 24 and next 8 Carbon-24 training crystals (cached in ``folder``)."""
     rows = csv_rows(data_root / "carbon_24" / "train.csv")
-    tr = read_csv(write_csv(tmp / "train.csv", rows[:24]), "carbon_24", cache_dir=tmp, progress=False)
-    va = read_csv(write_csv(tmp / "val.csv", rows[24:32]), "carbon_24", cache_dir=tmp, progress=False)
+    tr = read_csv(write_csv(folder / "train.csv", rows[:24]), "carbon_24", cache_dir=folder, progress=False)
+    va = read_csv(write_csv(folder / "val.csv", rows[24:32]), "carbon_24", cache_dir=folder, progress=False)
     return tr, va
 
 
-@pytest.fixture(scope="session")
-def tiny_config():
+def make_tiny_config():
     """Return the training config of the tiny run: the tiny model, 4 epochs of batch 8."""
     import dataclasses
 
@@ -97,6 +94,18 @@ def tiny_config():
     base = configs.get_config("carbon_24", "quick")
     return dataclasses.replace(base, model=TINY_MODEL, batch_size=8, epochs=4, num_buckets=2, max_train=None,
                                max_val=None, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(data_root, tmp_path_factory):
+    """Return (train, val): 24 and 8 Carbon-24 crystals."""
+    return make_tiny_data(data_root, tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Return the training config of the tiny run."""
+    return make_tiny_config()
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -187,3 +188,72 @@ def test_the_weight_average_follows_the_parameters_and_older_checkpoints_gain_on
     assert not np.allclose(jax.tree_util.tree_leaves(raw.params)[0], jax.tree_util.tree_leaves(ema.params)[0])
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["val_ema"]["loss"]) for r in lines)
+
+
+def test_a_nan_in_one_batch_is_skipped_logged_and_the_run_finishes(tiny_config, tiny_data, tmp_path, monkeypatch,
+                                                                    caplog):
+    real = train.Trainer.batches
+
+    def poisoned(self, data, order, budgets):
+        for k, (batch, weight) in enumerate(real(self, data, order, budgets)):
+            if k == 1 and data is tiny_data[0] and not poisoned.done:
+                poisoned.done = True
+                lattice = np.array(batch["lattice_std"])
+                lattice[0, 0] = np.nan  # one crystal's standardised lattice length
+                batch = dict(batch, lattice_std=lattice)
+            yield batch, weight
+
+    poisoned.done = False
+    monkeypatch.setattr(train.Trainer, "batches", poisoned)
+    config = dataclasses.replace(tiny_config, epochs=2)
+    with caplog.at_level("WARNING"):
+        record = train.train(config, tmp_path, datasets=tiny_data, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert poisoned.done and [r["train"]["skipped"] for r in lines] == [1, 0] and record["epoch"] == 2
+    assert "1 steps had a non-finite loss or gradient" in caplog.text
+    state = run.load_run(tmp_path, "latest")
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
+    assert np.isfinite(lines[-1]["val"]["loss"])
+
+
+def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(full_run, tiny_config, tiny_data, tmp_path):
+    import os
+    import random
+    import subprocess
+    import sys
+    import time
+
+    workdir, _ = full_run
+    helper = [sys.executable, str(pathlib.Path(__file__).with_name("kill_helper.py")), str(tmp_path / "run"),
+              str(tmp_path / "cache")]
+    rng = random.Random(1126)
+    # The children share compiled programs through JAX's persistent cache: only the first one compiles.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # 1: killed a few milliseconds into writing epoch 2's checkpoint.
+    first = subprocess.run(helper + ["--die-in-save", "1", "--seed", str(rng.randrange(1000))], capture_output=True, env=env)
+    assert first.returncode == -9, first.stderr.decode()[-2000:]
+    # 2: resumed, and killed from outside at a random moment once it trains again.
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines_before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    child = subprocess.Popen(helper + ["--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while child.poll() is None and time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > lines_before:
+            time.sleep(rng.uniform(0.0, 0.3))
+            break
+        time.sleep(0.01)
+    child.kill()
+    child.wait()
+    # 3: resumed to the end.
+    last = subprocess.run(helper + ["--resume"], capture_output=True, env=env)
+    assert last.returncode == 0, last.stderr.decode()[-2000:]
+    a, meta_a = _params(workdir, tiny_config, tiny_data[0])
+    b, meta_b = _params(tmp_path / "run", tiny_config, tiny_data[0])
+    assert meta_a["epoch"] == meta_b["epoch"] == 3 and int(a.step) == int(b.step)
+    for x, y in zip(jax.tree_util.tree_leaves((a.params, a.ema_params)), jax.tree_util.tree_leaves((b.params, b.ema_params))):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    ours = [json.loads(x) for x in metrics.read_text().splitlines()]
+    full = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in ours] == [1, 2, 3, 4]
+    assert [r["val"]["loss"] for r in ours] == pytest.approx([r["val"]["loss"] for r in full], rel=1e-5)
