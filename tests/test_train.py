@@ -257,3 +257,16 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(full_r
     full = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in ours] == [1, 2, 3, 4]
     assert [r["val"]["loss"] for r in ours] == pytest.approx([r["val"]["loss"] for r in full], rel=1e-5)
+
+
+def test_resume_with_nothing_to_resume_says_so_and_a_failed_start_leaves_no_folder(tiny_config, tiny_data, tmp_path,
+                                                                                     caplog, monkeypatch):
+    with caplog.at_level("WARNING"):
+        train.train(dataclasses.replace(tiny_config, epochs=1), tmp_path / "new", datasets=tiny_data,
+                    progress=False, resume=True)
+    assert "holds no checkpoint to resume; starting a new run" in caplog.text
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()] == [1]
+    monkeypatch.setenv("SYMAT_DOWNLOAD_URL", "http://127.0.0.1:9/none")
+    with pytest.raises(FileNotFoundError, match="carbon_24/train.csv"):
+        train.train(tiny_config, tmp_path / "w", data_root=tmp_path / "nowhere", progress=False)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "nowhere").exists()
