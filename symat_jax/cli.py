@@ -56,6 +56,8 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
     parser.add_argument("--epochs", type=positive_int, default=None, help="override the preset's number of epochs")
     parser.add_argument("--batch-size", type=positive_int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--focus-sigma", type=positive_float, default=None,
+                        help="draw training noise levels above this sigma (A) less often, as sigma^-1 (default: uniform)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
 
 
@@ -63,7 +65,8 @@ def run_training(args: argparse.Namespace) -> dict:
     """Train as the parsed arguments say and return the last epoch's record."""
     from symat_jax import configs, train
 
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("seed", args.seed)) if v is not None}
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("seed", args.seed),
+                                   ("focus_sigma", args.focus_sigma)) if v is not None}
     config = configs.get_config(args.dataset, args.preset, **overrides)
     t0 = time.perf_counter()
     record = train.train(config, args.workdir, data_root=args.data_root, resume=args.resume)

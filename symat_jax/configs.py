@@ -89,6 +89,10 @@ class TrainConfig:
     # training; samplers choose raw or averaged weights (configs.sampler_weights). Carbon-24 trains 7 steps per
     # epoch, so 0.99 averages over about 14 epochs (0.999 would average over the whole 150-epoch run).
     ema_decay: float = 0.99
+    # Noise levels drawn per training crystal: None = uniformly (SPEC 3). A number s: levels with sigma above s
+    # are drawn with probability proportional to s / sigma (uniform below s), so fewer steps go to the top levels,
+    # where the noise has erased the crystal (on Carbon-24 sigma > 1 A is a third of the levels).
+    focus_sigma: float | None = None
 
     def to_json(self) -> str:
         """Return the config as JSON."""

@@ -37,6 +37,13 @@ def noise_levels(num_levels: int = 50, sigma_min: float = 0.01, sigma_max: float
     return np.exp(np.linspace(np.log(sigma_min), np.log(sigma_max), num_levels))
 
 
+def level_probabilities(sigmas: np.ndarray, focus_sigma: float | None) -> np.ndarray:
+    """Return the probability of drawing each noise level in training (uniform; or ``focus_sigma / sigma`` above it)."""
+    sigmas = np.asarray(sigmas, np.float64)
+    w = np.ones_like(sigmas) if focus_sigma is None else np.minimum(1.0, focus_sigma / sigmas)
+    return w / w.sum()
+
+
 def perturb(positions: Array, lattice: Array, atom_mask: Array, sigma: Array, eps: Array) -> Array:
     """Return ``[n, 3]`` wrapped noisy positions ``wrap(x + sigma eps)`` (padding stays put)."""
     noisy = positions + sigma * jnp.where(atom_mask[:, None], eps, 0.0)

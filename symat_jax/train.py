@@ -50,6 +50,7 @@ class Trainer:
         self.tx = optax.chain(optax.clip(config.clip_value), optax.adam(config.learning_rate))
         m = config.model
         self.sigmas = jnp.asarray(score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max), jnp.float32)
+        self.level_logits = jnp.log(score.level_probabilities(np.asarray(self.sigmas), config.focus_sigma))
         self.score_norm = jnp.asarray(statics.score_norm, jnp.float32)
         self.graph_config = score.ScoreGraphConfig(m.score_cutoff, m.score_neighbors, tuple(statics.max_images))
         # Python-side trace counts (chex.assert_max_traces style): padding
@@ -85,7 +86,10 @@ class Trainer:
         lattice = geometry.lattice_matrix(batch["lengths"], batch["angles"])
         clean = geometry.frac_to_cart(batch["frac_coords"], lattice)
         mask = batch["atom_mask"]
-        levels = jax.random.randint(k_lvl, (clean.shape[0],), 0, self.sigmas.shape[0])
+        if self.config.focus_sigma is None:
+            levels = jax.random.randint(k_lvl, (clean.shape[0],), 0, self.sigmas.shape[0])
+        else:
+            levels = jax.random.categorical(k_lvl, self.level_logits, shape=(clean.shape[0],))
         eps = jax.random.normal(k_eps, clean.shape)
         noisy = jax.vmap(score.perturb)(clean, lattice, mask, self.sigmas[levels], eps)
         return clean, noisy, lattice, levels

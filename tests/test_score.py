@@ -60,6 +60,17 @@ def test_noise_levels_are_the_reference_ones(golden):
     np.testing.assert_allclose(out[:n], g["noisy_cart"][sl], atol=1e-4)
 
 
+def test_training_level_probabilities_uniform_or_focused():
+    sigmas = score.noise_levels(50, 0.01, 10.0)
+    np.testing.assert_allclose(score.level_probabilities(sigmas, None), np.full(50, 0.02))
+    p = score.level_probabilities(sigmas, 1.0)
+    assert np.isclose(p.sum(), 1.0) and np.all(p > 0)
+    below = sigmas <= 1.0
+    assert np.allclose(p[below], p[0])  # uniform up to the focus
+    np.testing.assert_allclose(p[~below] / p[0], 1.0 / sigmas[~below], rtol=1e-12)  # then 1 / sigma
+    assert p[~below].sum() < 0.5 * (~below).mean()
+
+
 def test_normaliser_is_close_to_the_published_one(test_splits, data_root):
     """Every level within 10% of ``score_norm.txt``, estimated on the Carbon-24 test split."""
     data = test_splits["carbon_24"]
