@@ -40,6 +40,10 @@ class RunCheckpoints:
         """Write ``state`` and JSON ``meta`` as epoch ``epoch`` (and as the best one when ``is_best``)."""
         managers = [self.latest] + ([self.best] if is_best else [])
         for mngr in managers:
+            if epoch in mngr.all_steps():
+                # An epoch trained again after a resume from an older checkpoint (the newest was damaged):
+                # the same seed and data order give the same state, which replaces the stored one.
+                mngr.delete(epoch)
             mngr.save(
                 epoch,
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

@@ -270,3 +270,26 @@ def test_resume_with_nothing_to_resume_says_so_and_a_failed_start_leaves_no_fold
     with pytest.raises(FileNotFoundError, match="carbon_24/train.csv"):
         train.train(tiny_config, tmp_path / "w", data_root=tmp_path / "nowhere", progress=False)
     assert not (tmp_path / "w").exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_keeps_it_aside(full_run, tiny_config, tiny_data, tmp_path,
+                                                                      caplog):
+    import shutil
+
+    workdir, _ = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    for path in (copy / "checkpoints" / "3").rglob("*"):
+        if path.is_file() and "state" in path.parts:
+            path.write_bytes(path.read_bytes()[:10])
+    with caplog.at_level("WARNING"):
+        train.train(tiny_config, copy, datasets=tiny_data, progress=False, resume=True)
+    assert "epoch 4" in caplog.text and "is damaged" in caplog.text
+    assert (copy / "damaged_checkpoints" / "3").is_dir()
+    a, meta_a = _params(workdir, tiny_config, tiny_data[0])
+    b, meta_b = _params(copy, tiny_config, tiny_data[0])
+    assert meta_a["epoch"] == meta_b["epoch"] == 3
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    lines = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
