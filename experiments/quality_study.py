@@ -85,30 +85,40 @@ def table(rows: dict[str, dict[str, Any]], data_row: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scaled_lengths(crystals: CrystalSet) -> np.ndarray:
+    """Return the lattice lengths divided by N^(1/3) (the quantity the lattice decoder predicts), pooled over a, b, c."""
+    return (crystals.lengths / np.cbrt(np.maximum(crystals.num_atoms, 1))[:, None]).ravel()
+
+
 def plots(root: pathlib.Path, rows: dict[str, dict[str, Any]], test: CrystalSet, folders: dict[str, pathlib.Path]) -> None:
-    """Write ``histograms.png``: atoms per cell and density of each variant against the test split."""
+    """Write ``histograms.png``: atoms per cell, density, scaled lengths and nearest-neighbour distances vs the test split."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.5))
     test_n = np.bincount(test.num_atoms, minlength=25)
     axes[0].bar(np.arange(25), test_n / test_n.sum(), color="k", alpha=0.3, label="test split")
-    test_d = density(test)
-    bins = np.linspace(0.5, 5.0, 46)
-    axes[1].hist(test_d, bins=bins, density=True, color="k", alpha=0.3, label="test split")
+    quantities = [(density, np.linspace(0.5, 5.0, 46)), (scaled_lengths, np.linspace(0.0, 6.0, 61)),
+                  (lambda c: local_structure(c)["nn_distances"], np.linspace(0.5, 2.5, 41))]
+    for ax, (fn, bins) in zip(axes[1:], quantities):
+        ax.hist(np.clip(fn(test), bins[0], bins[-1]), bins=bins, density=True, color="k", alpha=0.3, label="test split")
     for name, folder in folders.items():
         gen = CrystalSet.from_samples(folder)
         n = np.bincount(gen.num_atoms, minlength=25)
         axes[0].step(np.arange(25), n / max(n.sum(), 1), where="mid", label=name)
-        axes[1].hist(density(gen), bins=bins, density=True, histtype="step", label=name)
+        for ax, (fn, bins) in zip(axes[1:], quantities):
+            ax.hist(np.clip(fn(gen), bins[0], bins[-1]), bins=bins, density=True, histtype="step", label=name)
     axes[0].set(xlabel="atoms per cell", ylabel="share", title="atoms per cell")
     axes[1].set(xlabel="density (g/cm^3)", ylabel="density", title="density")
+    axes[2].set(xlabel="length / N^(1/3) (A)", ylabel="density", title="scaled lattice lengths (a, b, c pooled)")
+    axes[3].set(xlabel="nearest-neighbour distance (A)", ylabel="density",
+                title="nearest neighbour (bond cut-off 1.8 A; clipped to 0.5-2.5)")
+    axes[3].axvline(1.8, color="grey", lw=0.8, ls="--")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(root / "histograms.png", dpi=120)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or resume) the study and print its table."""

@@ -194,8 +194,13 @@ def sampler_checkpoint(preset: str) -> str:
 
 
 def sampler_weights(preset: str) -> str:
-    """Return which parameters a sampler preset uses: ``raw`` (trained) or ``ema`` (their moving average)."""
-    return "raw"
+    """Return which parameters a sampler preset uses: ``raw`` (trained) or ``ema`` (their moving average).
+
+    ``paper`` samples the trained parameters (SPEC 4). ``default`` samples the
+    average: on the 150-epoch Carbon-24 run it raised 3-4-fold atoms from 27%
+    to 40% and structure validity from 98.6% to 100% (BENCHMARKS.md).
+    """
+    return "raw" if preset == "paper" else "ema"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from symat_jax import graphs, run
-from symat_jax.configs import TrainConfig
+from symat_jax.configs import TrainConfig, sampler_weights
 from symat_jax.data import CrystalDataset, load_split
 from symat_jax.input_pipeline import epoch_batches, pad_budgets
 from symat_jax.model import SyMat
@@ -101,10 +101,16 @@ def fit_prior(
     checkpoint: str = "best",
     datasets: tuple[CrystalDataset, CrystalDataset] | None = None,
     progress: bool = True,
+    weights: str | None = None,
 ) -> dict[str, Any]:
-    """Fit the mixture prior of a trained run and write ``prior.npz`` and ``prior.json`` into it; return the report."""
+    """Fit the mixture prior of a trained run and write ``prior.npz`` and ``prior.json`` into it; return the report.
+
+    The latents come from the encoder of ``weights`` (default: those of the
+    ``default`` sampler, the prior's user), so prior and decoders match.
+    """
     workdir = pathlib.Path(workdir)
-    config, statics, params, meta = run.load_run(workdir, checkpoint)
+    weights = weights or sampler_weights("default")
+    config, statics, params, meta = run.load_run(workdir, checkpoint, weights)
     if datasets is None:
         train = load_split(config.dataset, "train", data_root, progress=progress)
         val = load_split(config.dataset, "val", data_root, progress=progress)
@@ -119,6 +125,7 @@ def fit_prior(
     report = {
         "checkpoint": checkpoint,
         "checkpoint_epoch": int(meta["epoch"]) + 1,
+        "weights": meta["weights"],
         "num_train": len(train_z),
         "num_val": len(val_z),
         "dim": int(train_z.shape[1]),

@@ -39,7 +39,7 @@ def test_the_cell_rule_agrees_with_pymatgen_volume(lengths, angles, n):
     volume = Lattice.from_parameters(*lengths, *angles).volume
     defect = geometry.cell_defect(lengths, angles, n)
     assert (defect is None) == (volume >= geometry.MIN_VOLUME_PER_ATOM * n) or abs(volume / n - 0.1) < 1e-9
-    assert geometry.cell_defect(-lengths, angles, n) == "non-positive lattice length"
+    assert geometry.cell_defect(-lengths, angles, n).startswith("non-positive lattice length")
     assert "NaN" in geometry.cell_defect(np.array([np.nan, 1.0, 1.0]), angles, n)
 
 

@@ -75,7 +75,7 @@ def test_paper_preset_is_spec_4_exactly():
     sig = score.noise_levels()
     np.testing.assert_array_equal(idx, np.arange(49, -1, -1))
     np.testing.assert_allclose(alphas, 1e-4 * (sig[idx] / 0.01) ** 2)
-    assert configs.sampler_checkpoint("paper") == "best"
+    assert configs.sampler_checkpoint("paper") == "best" and configs.sampler_weights("paper") == "raw"
 
 
 def test_norm_schedule_moves_every_level_by_the_same_fraction_of_its_target():

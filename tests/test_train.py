@@ -101,7 +101,7 @@ def test_non_finite_step_is_skipped_and_compilations_are_bounded(full_run, tiny_
 def test_training_fits_the_prior_and_a_light_export_samples_like_the_run(full_run, tmp_path):
     workdir, _ = full_run
     report = json.loads((workdir / run.PRIOR_REPORT_FILE).read_text())
-    assert report["num_train"] == 24 and report["checkpoint"] == "latest"
+    assert report["num_train"] == 24 and report["checkpoint"] == "latest" and report["weights"] == "ema"
     prior = run.load_prior(workdir)
     assert prior.means.shape[1] == report["dim"] and np.isclose(float(prior.weights.sum()), 1.0, atol=1e-5)
     light = run.export_params(workdir, tmp_path / "light")
