@@ -393,6 +393,8 @@ def sample(
     their bucket; a bucket's chunks are padded to one shape so each bucket
     compiles once. Compile and run times are reported separately.
     """
+    # A setting the run cannot sample is refused before any work, whatever the decoded crystals turn out to be.
+    level_schedule(model, cfg, np.asarray(statics.score_norm))
     kz, kd, kx = jax.random.split(key, 3)
     decode = _jitted_decode(model, cfg, statics)
     parts = []
