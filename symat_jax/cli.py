@@ -56,8 +56,9 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
     parser.add_argument("--epochs", type=positive_int, default=None, help="override the preset's number of epochs")
     parser.add_argument("--batch-size", type=positive_int, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--focus-sigma", type=positive_float, default=None,
-                        help="draw training noise levels above this sigma (A) less often, as sigma^-1 (default: uniform)")
+    parser.add_argument("--focus-sigma", type=focus_sigma, default=None,
+                        help="draw training noise levels above this sigma (A) less often, as sigma^-1; 'uniform': "
+                             "every level alike, as SPEC 3 (default: 1.0)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
 
 
@@ -67,6 +68,8 @@ def run_training(args: argparse.Namespace) -> dict:
 
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("seed", args.seed),
                                    ("focus_sigma", args.focus_sigma)) if v is not None}
+    if overrides.get("focus_sigma") == "uniform":
+        overrides["focus_sigma"] = None
     config = configs.get_config(args.dataset, args.preset, **overrides)
     t0 = time.perf_counter()
     record = train.train(config, args.workdir, data_root=args.data_root, resume=args.resume)
@@ -106,6 +109,11 @@ def checkpoint_choice(text: str) -> str:
 def positive_int(text: str) -> int:
     """Return ``text`` as an integer >= 1 (argparse type)."""
     return int(_positive(text, integer=True))
+
+
+def focus_sigma(text: str) -> float | str:
+    """Return ``text`` as a sigma > 0, or the word ``uniform`` (argparse type of ``--focus-sigma``)."""
+    return "uniform" if text == "uniform" else positive_float(text)
 
 
 def positive_float(text: str) -> float:

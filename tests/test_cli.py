@@ -92,3 +92,24 @@ def test_evaluate_refuses_a_folder_as_its_report_file_before_any_work(tmp_path, 
     monkeypatch.setattr(evaluate_cli.CrystalSet, "from_samples", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ValueError, match="is a folder"):
         evaluate_cli.run_evaluate(str(tmp_path / "samples.npz"), "carbon_24", out=str(tmp_path))
+
+
+def test_focus_sigma_option_and_configs_written_before_it(capsys):
+    import argparse
+    import json
+
+    from symat_jax import configs
+
+    p = argparse.ArgumentParser()
+    cli.add_train_args(p, workdir_default="w")
+    assert p.parse_args(["--focus-sigma", "uniform"]).focus_sigma == "uniform"
+    assert p.parse_args(["--focus-sigma", "0.5"]).focus_sigma == 0.5
+    with pytest.raises(SystemExit):
+        p.parse_args(["--focus-sigma", "0"])
+    assert "must be a finite number above 0" in capsys.readouterr().err
+    config = configs.get_config("carbon_24")
+    assert config.focus_sigma == 1.0 and config.ema_decay == 0.99
+    stored = json.loads(config.to_json())
+    del stored["focus_sigma"], stored["ema_decay"]
+    older = configs.TrainConfig.from_dict(stored)  # a run from before both fields: uniform levels, no EMA
+    assert older.focus_sigma is None and older.ema_decay == 0.0
