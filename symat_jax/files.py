@@ -39,6 +39,17 @@ def read_json(path: str | os.PathLike, keys: Sequence[str] = ()) -> Any:
     return data
 
 
+def _check_parent(path: pathlib.Path, option: str, writable: bool) -> None:
+    """Raise ValueError naming ``option`` when the nearest existing parent of ``path`` is a file (or not writable)."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None:
+        return
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
+    if writable and not os.access(parent, os.W_OK):
+        raise ValueError(f"{option} {path}: cannot write in {parent}")
+
+
 def check_new_file(path: str | os.PathLike, option: str) -> pathlib.Path:
     """Return ``path`` as a Path after checking a file can be written there (ValueError naming ``option`` otherwise).
 
@@ -47,13 +58,7 @@ def check_new_file(path: str | os.PathLike, option: str) -> pathlib.Path:
     path = pathlib.Path(path)
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; give a file name (e.g. {path / 'metrics.json'})")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK):
-                raise ValueError(f"{option} {path}: cannot write in {parent}")
-            break
+    _check_parent(path, option, writable=True)
     return path
 
 
@@ -62,9 +67,5 @@ def check_folder_path(path: str | os.PathLike, option: str) -> pathlib.Path:
     path = pathlib.Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path} is a file; give a folder")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
-            break
+    _check_parent(path, option, writable=False)
     return path

@@ -14,6 +14,7 @@ from pymatgen.io.cif import CifWriter
 
 from symat_jax import configs, sampling
 from symat_jax.data.canonical import to_structure
+from symat_jax.files import check_folder_path
 from symat_jax.run import load_prior, load_run
 
 
@@ -32,9 +33,7 @@ def write_samples(result: sampling.SampleResult, out: str | pathlib.Path, cif: b
 
 def check_output_folder(out: str | pathlib.Path, overwrite: bool) -> None:
     """Raise ValueError when ``out`` cannot take a new sample set (a file, or a non-empty folder without ``overwrite``)."""
-    out = pathlib.Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder for samples.npz and the CIF files")
+    out = check_folder_path(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} is not empty; choose a new folder or pass --overwrite to replace its contents")
 

@@ -23,6 +23,7 @@ import numpy as np
 from symat_jax import graphs, run
 from symat_jax.configs import TrainConfig, sampler_weights
 from symat_jax.data import CrystalDataset, load_split
+from symat_jax.files import write_text_atomic
 from symat_jax.input_pipeline import epoch_batches, pad_budgets
 from symat_jax.model import SyMat
 from symat_jax.prior import MixturePrior
@@ -135,7 +136,7 @@ def fit_prior(
         "train_latent_rms": float(np.sqrt(np.mean(train_z**2))),
     }
     prior.save(workdir / run.PRIOR_FILE)
-    run.write_text_atomic(workdir / run.PRIOR_REPORT_FILE, json.dumps(report, indent=1))
+    write_text_atomic(workdir / run.PRIOR_REPORT_FILE, json.dumps(report, indent=1))
     log.info("prior: %d-component %s mixture (val log-likelihood %.1f) on %d training latents",
              chosen["components"], chosen["covariance"], chosen["val_loglik"], len(train_z))
     return report

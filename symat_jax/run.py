@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from symat_jax.checkpoints import DamagedCheckpointError, RunCheckpoints
-from symat_jax.files import read_json, write_text_atomic  # noqa: F401  (write_text_atomic: run's writers)
+from symat_jax.files import read_json, write_text_atomic
 from symat_jax.configs import TrainConfig
 from symat_jax.prior import MixturePrior
 

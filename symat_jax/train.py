@@ -24,7 +24,7 @@ import optax
 from symat_jax import geometry, graphs, latents, losses, loop, run, score
 from symat_jax.checkpoints import start_run
 from symat_jax.configs import TrainConfig
-from symat_jax.files import check_folder_path
+from symat_jax.files import check_folder_path, write_text_atomic
 from symat_jax.data import CrystalDataset, load_split
 from symat_jax.input_pipeline import PadBudget, dense_batch, epoch_batches, lattice_features, max_elements, pad_budgets
 from symat_jax.model import SyMat, coordinate_scores, decode_composition, score_graphs
@@ -294,7 +294,7 @@ def train(
     else:
         train_data, val_data = datasets
     workdir.mkdir(parents=True, exist_ok=True)
-    run.write_text_atomic(config_path, config.to_json())
+    write_text_atomic(config_path, config.to_json())
     train_data = _subset(train_data, config.max_train)
     val_data = _subset(val_data, config.max_val)
 
