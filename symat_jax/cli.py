@@ -59,6 +59,10 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
     parser.add_argument("--focus-sigma", type=focus_sigma, default=None,
                         help="draw training noise levels above this sigma (A) less often, as sigma^-1; 'uniform': "
                              "every level alike, as SPEC 3 (default: 1.0)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                        help="learning rate: constant (SPEC 2) or a cosine decay to 1%% over the run")
+    parser.add_argument("--ema-decay", type=ema_decay, default=None,
+                        help="decay of the parameters' moving average the default sampler uses (0: none)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
 
 
@@ -67,7 +71,8 @@ def run_training(args: argparse.Namespace) -> dict:
     from symat_jax import configs, train
 
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("seed", args.seed),
-                                   ("focus_sigma", args.focus_sigma)) if v is not None}
+                                   ("focus_sigma", args.focus_sigma),
+                                   ("ema_decay", args.ema_decay), ("lr_schedule", args.lr_schedule)) if v is not None}
     if overrides.get("focus_sigma") == "uniform":
         overrides["focus_sigma"] = None
     config = configs.get_config(args.dataset, args.preset, **overrides)
@@ -114,6 +119,17 @@ def positive_int(text: str) -> int:
 def focus_sigma(text: str) -> float | str:
     """Return ``text`` as a sigma > 0, or the word ``uniform`` (argparse type of ``--focus-sigma``)."""
     return "uniform" if text == "uniform" else positive_float(text)
+
+
+def ema_decay(text: str) -> float:
+    """Return ``text`` as a decay in [0, 1) (argparse type of ``--ema-decay``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
 
 
 def positive_float(text: str) -> float:

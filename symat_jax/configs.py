@@ -78,6 +78,10 @@ class TrainConfig:
     loss: LossWeights = LossWeights()
     batch_size: int = 256
     learning_rate: float = 1e-3
+    # "constant" (SPEC 2) or "cosine": from learning_rate down to lr_floor * learning_rate over the run's steps
+    # (with more epochs on resume, the curve stretches to the new end).
+    lr_schedule: str = "constant"
+    lr_floor: float = 0.01
     clip_value: float = 0.5
     epochs: int = 150
     seed: int = 0
@@ -220,6 +224,10 @@ class PropertyConfig:
     batch_size: int = 64
     epochs: int = 60
     learning_rate: float = 1e-3
+    # "constant" (SPEC 2) or "cosine": from learning_rate down to lr_floor * learning_rate over the run's steps
+    # (with more epochs on resume, the curve stretches to the new end).
+    lr_schedule: str = "constant"
+    lr_floor: float = 0.01
     seed: int = 0
     keep_checkpoints: int = 2
     max_train: int | None = None

@@ -42,12 +42,12 @@ COUNTERS = ("skipped", "graph_overflow")
 class Trainer:
     """The model, optimiser and jitted steps of one configuration."""
 
-    def __init__(self, config: TrainConfig, statics: RunStatics) -> None:
-        """Build the model and optimiser (Adam with gradient clipping by value)."""
+    def __init__(self, config: TrainConfig, statics: RunStatics, total_steps: int = 1) -> None:
+        """Build the model and optimiser (Adam with gradient clipping by value; ``total_steps`` for a decaying rate)."""
         self.config = config
         self.statics = statics
         self.model = SyMat(config.model)
-        self.tx = optax.chain(optax.clip(config.clip_value), optax.adam(config.learning_rate))
+        self.tx = optax.chain(optax.clip(config.clip_value), optax.adam(learning_rate(config, total_steps)))
         m = config.model
         self.sigmas = jnp.asarray(score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max), jnp.float32)
         self.level_logits = jnp.log(score.level_probabilities(np.asarray(self.sigmas), config.focus_sigma))
@@ -211,16 +211,27 @@ class Trainer:
             yield batch, int(batch["crystal_mask"].sum())
 
 
-def get_trainer(config: TrainConfig, statics: RunStatics) -> Trainer:
+def learning_rate(config: TrainConfig, total_steps: int) -> float | optax.Schedule:
+    """Return the optimiser's learning rate: constant (SPEC 2), or a cosine decay over ``total_steps``."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    if config.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1), alpha=config.lr_floor)
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+
+
+def get_trainer(config: TrainConfig, statics: RunStatics, steps_per_epoch: int = 1) -> Trainer:
     """Return the (cached) trainer of a config, so a resumed run in this process reuses compiled steps."""
-    # The schedule does not change the compiled steps: share them across it.
-    return _cached_trainer(dataclasses.replace(config, epochs=0), statics)
+    if config.lr_schedule == "constant":
+        # The number of epochs does not change the compiled steps then: share them across it.
+        return _cached_trainer(dataclasses.replace(config, epochs=0), statics, 1)
+    return _cached_trainer(config, statics, config.epochs * steps_per_epoch)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_trainer(config: TrainConfig, statics: RunStatics) -> Trainer:
+def _cached_trainer(config: TrainConfig, statics: RunStatics, total_steps: int) -> Trainer:
     """Return a new trainer (memoised by :func:`get_trainer`)."""
-    return Trainer(config, statics)
+    return Trainer(config, statics, total_steps)
 
 
 # ----------------------------------------------------------------------------
@@ -304,7 +315,8 @@ def train(
         statics = compute_statics(config, train_data, progress)
         run.write_statics(workdir, statics)
 
-    trainer = get_trainer(config, statics)
+    steps_per_epoch = -(-len(train_data) // config.batch_size)
+    trainer = get_trainer(config, statics, steps_per_epoch)
     budgets = pad_budgets(train_data, config.batch_size, config.num_buckets, seed=config.seed)
     val_budgets = pad_budgets(val_data, config.batch_size, 1)
     first, _ = next(trainer.batches(train_data, np.arange(len(train_data)), budgets))
@@ -338,7 +350,7 @@ def train(
 
     _, last, _ = loop.run_epochs(
         start, epochs=config.epochs, seed=config.seed, num_examples=len(train_data),
-        steps_per_epoch=-(-len(train_data) // config.batch_size),
+        steps_per_epoch=steps_per_epoch,
         batches=lambda order: trainer.batches(train_data, order, budgets), train_step=trainer.train_step,
         end_epoch=end_epoch, best_key="best_val_loss", desc="epoch", progress=progress,
     )

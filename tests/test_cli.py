@@ -94,7 +94,7 @@ def test_evaluate_refuses_a_folder_as_its_report_file_before_any_work(tmp_path, 
         evaluate_cli.run_evaluate(str(tmp_path / "samples.npz"), "carbon_24", out=str(tmp_path))
 
 
-def test_focus_sigma_option_and_configs_written_before_it(capsys):
+def test_focus_sigma_and_ema_decay_options_and_configs_written_before_them(capsys):
     import argparse
     import json
 
@@ -107,6 +107,12 @@ def test_focus_sigma_option_and_configs_written_before_it(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["--focus-sigma", "0"])
     assert "must be a finite number above 0" in capsys.readouterr().err
+    assert p.parse_args(["--ema-decay", "0.999"]).ema_decay == 0.999
+    assert p.parse_args(["--ema-decay", "0"]).ema_decay == 0.0
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--ema-decay", bad])
+    assert "must be at least 0 and below 1" in capsys.readouterr().err
     config = configs.get_config("carbon_24")
     assert config.focus_sigma == 1.0 and config.ema_decay == 0.99
     stored = json.loads(config.to_json())

@@ -293,3 +293,28 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_keeps_it_aside(full_run, t
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
     lines = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+
+
+def test_cosine_learning_rate_reaches_its_floor_at_the_last_step(full_run, tiny_config):
+    import jax.numpy as jnp
+
+    workdir, _ = full_run
+    statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    config = dataclasses.replace(tiny_config, lr_schedule="cosine", learning_rate=1e-3, lr_floor=0.01, epochs=4)
+    trainer = train.get_trainer(config, statics, steps_per_epoch=5)  # 20 steps in all
+    params = {"w": jnp.zeros(3)}
+    opt_state = trainer.tx.init(params)
+    moves = []
+    for _ in range(21):
+        # Adam's step on a constant gradient is the learning rate itself, so the moves read the schedule back.
+        updates, opt_state = trainer.tx.update({"w": jnp.full(3, 0.1)}, opt_state, params)
+        moves.append(-float(updates["w"][0]))
+    assert moves[0] == pytest.approx(1e-3, rel=1e-3)
+    assert moves[10] == pytest.approx(0.5 * (1e-3 + 1e-5), rel=1e-3)
+    assert moves[20] == pytest.approx(1e-5, rel=1e-3)
+    assert np.all(np.diff(moves) < 0)
+    constant = train.get_trainer(dataclasses.replace(config, lr_schedule="constant"), statics, steps_per_epoch=5)
+    updates, _ = constant.tx.update({"w": jnp.full(3, 0.1)}, constant.tx.init(params), params)
+    assert -float(updates["w"][0]) == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train.learning_rate(dataclasses.replace(config, lr_schedule="step"), 20)
