@@ -114,8 +114,11 @@ def test_focus_sigma_and_ema_decay_options_and_configs_written_before_them(capsy
             p.parse_args(["--ema-decay", bad])
     assert "must be at least 0 and below 1" in capsys.readouterr().err
     config = configs.get_config("carbon_24")
-    assert config.focus_sigma == 1.0 and config.ema_decay == 0.99
+    assert config.focus_sigma == 1.0 and config.ema_decay == 0.999
+    assert (config.batch_size, config.epochs, config.lr_schedule) == (32, 80, "constant")  # Carbon-24's departures
+    perov = configs.get_config("perov_5")
+    assert (perov.batch_size, perov.epochs, perov.lr_schedule, perov.ema_decay) == (256, 700, "constant", 0.99)
     stored = json.loads(config.to_json())
-    del stored["focus_sigma"], stored["ema_decay"]
-    older = configs.TrainConfig.from_dict(stored)  # a run from before both fields: uniform levels, no EMA
-    assert older.focus_sigma is None and older.ema_decay == 0.0
+    del stored["focus_sigma"], stored["ema_decay"], stored["lr_schedule"], stored["lr_floor"]
+    older = configs.TrainConfig.from_dict(stored)  # a run from before these fields: uniform levels, no EMA
+    assert older.focus_sigma is None and older.ema_decay == 0.0 and older.lr_schedule == "constant"

@@ -1,4 +1,4 @@
-"""``experiments.cdvae_benchmark``: every stage on a tiny data root, then a rerun that only evaluates."""
+"""Experiments: ``cdvae_benchmark`` (every stage on a tiny data root, then a rerun that only evaluates), ``step_sweep``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import shutil
 
 import numpy as np
+import pytest
 
 from experiments import cdvae_benchmark
 from symat_jax.evaluate_cli import REQUIRED_KEYS
@@ -41,3 +42,22 @@ def test_train_sample_evaluate_and_resume(data_root, tmp_path, monkeypatch, capl
     assert stages == ["stage 4: evaluation"]
     again = json.loads((run / "metrics.json").read_text())
     assert {k: again[k] for k in REQUIRED_KEYS} == {k: report[k] for k in REQUIRED_KEYS}
+
+
+def test_step_sweep_reports_local_structure_per_setting(full_run, tmp_path, capsys):
+    import argparse
+
+    from experiments import step_sweep
+
+    workdir, _ = full_run
+    out = tmp_path / "sweep.jsonl"
+    argv = ["--workdir", str(workdir), "--num", "3", "--weights", "raw", "--schedules", "2x1", "--fractions", "0.05",
+            "0.02", "--batch-size", "3", "--out", str(out)]
+    assert step_sweep.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["schedule"], r["step_fraction"], r["weights"]) for r in rows] == [("2x1", 0.05, "raw"), ("2x1", 0.02, "raw")]
+    for r in rows:
+        assert r["atoms"] > 0 and np.isclose(sum(r["coordination_share"]), 1.0)
+    assert capsys.readouterr().out.count("3-4-fold") == 2
+    with pytest.raises(argparse.ArgumentTypeError, match="LEVELSxSTEPS"):
+        step_sweep.schedule("25-10")
