@@ -80,7 +80,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     # "constant" (SPEC 2) or "cosine": from learning_rate down to lr_floor * learning_rate over the run's steps
     # (with more epochs on resume, the curve stretches to the new end). On Carbon-24 (batch 32, 150 epochs) cosine
-    # lowered the validation coordinate loss (0.520 vs 0.574 at the constant run's best) but its samples had fewer
+    # lowered the validation coordinate loss (EMA 0.520 vs 0.581 at the constant run's epoch 80) but its samples had fewer
     # 3-4-fold atoms (36% vs 59%, BENCHMARKS.md), so constant stays the default.
     lr_schedule: str = "constant"
     lr_floor: float = 0.01
@@ -241,12 +241,6 @@ class PropertyConfig:
     batch_size: int = 64
     epochs: int = 60
     learning_rate: float = 1e-3
-    # "constant" (SPEC 2) or "cosine": from learning_rate down to lr_floor * learning_rate over the run's steps
-    # (with more epochs on resume, the curve stretches to the new end). On Carbon-24 (batch 32, 150 epochs) cosine
-    # lowered the validation coordinate loss (0.520 vs 0.574 at the constant run's best) but its samples had fewer
-    # 3-4-fold atoms (36% vs 59%, BENCHMARKS.md), so constant stays the default.
-    lr_schedule: str = "constant"
-    lr_floor: float = 0.01
     seed: int = 0
     keep_checkpoints: int = 2
     max_train: int | None = None
