@@ -21,6 +21,7 @@ import jax
 from symat_jax import configs, run, sampling
 from symat_jax.coordination import local_structure
 from symat_jax.crystal_sets import CrystalSet
+from symat_jax.prior import MixturePrior
 
 
 def schedule(text: str) -> tuple[int, int]:
@@ -32,15 +33,15 @@ def schedule(text: str) -> tuple[int, int]:
     return levels, steps
 
 
-def probe(workdir: str, weights: str, fraction: float, levels: int, steps: int, num: int, seed: int,
+def probe(loaded: run.LoadedRun, prior: MixturePrior, fraction: float, levels: int, steps: int, num: int, seed: int,
           batch_size: int) -> dict[str, Any]:
     """Return the local structure of ``num`` crystals sampled with the `default` preset at one setting."""
-    config, statics, params, meta = run.load_run(workdir, configs.sampler_checkpoint("default"), weights)
+    config, statics, params, meta = loaded
     cfg = configs.get_sampler_config(config.dataset, "default", step_fraction=fraction, num_levels=levels,
                                      steps_per_level=steps)
     t0 = time.perf_counter()
     result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
-                             batch_size=batch_size, prior=run.load_prior(workdir), progress=False)
+                             batch_size=batch_size, prior=prior, progress=False)
     local = local_structure(CrystalSet(**{k: v for k, v in result.to_cdvae().items() if k != "sample_index"}))
     return {"weights": meta["weights"], "epoch": int(meta["epoch"]) + 1, "step_fraction": fraction,
             "schedule": f"{levels}x{steps}", "num": num, "seconds": round(time.perf_counter() - t0, 1),
@@ -59,10 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", default=None, help="append each setting's line to this JSON-lines file")
     args = p.parse_args(argv)
+    prior = run.load_prior(args.workdir)
     for weights in args.weights:
+        loaded = run.load_run(args.workdir, configs.sampler_checkpoint("default"), weights)
         for levels, steps in args.schedules:
             for fraction in args.fractions:
-                row = probe(args.workdir, weights, fraction, levels, steps, args.num, args.seed, args.batch_size)
+                row = probe(loaded, prior, fraction, levels, steps, args.num, args.seed, args.batch_size)
                 q = row["nn_distance_quantiles"]
                 print(f"{weights} {row['schedule']} f={fraction}: 3-4-fold {100 * row['share_3_or_4']:.1f}%, "
                       f"isolated {100 * row['share_isolated']:.1f}%, nearest neighbour 5/50/95% "
