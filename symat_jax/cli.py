@@ -88,12 +88,17 @@ def run_training(args: argparse.Namespace) -> dict:
     return record
 
 
-def _positive(text: str, integer: bool) -> float:
-    """Return ``text`` as an integer >= 1 or a finite number > 0 (argparse types; a clear message otherwise)."""
+def _number(text: str, integer: bool = False) -> float:
+    """Return ``text`` as an int or float (argparse types; a clear message otherwise)."""
     try:
-        value = int(text) if integer else float(text)
+        return int(text) if integer else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if integer else 'number'}") from None
+
+
+def _positive(text: str, integer: bool) -> float:
+    """Return ``text`` as an integer >= 1 or a finite number > 0 (argparse types; a clear message otherwise)."""
+    value = _number(text, integer)
     if integer and value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     if not integer and not 0 < value < float("inf"):
@@ -123,10 +128,7 @@ def focus_sigma(text: str) -> float | str:
 
 def ema_decay(text: str) -> float:
     """Return ``text`` as a decay in [0, 1) (argparse type of ``--ema-decay``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
