@@ -1,6 +1,6 @@
 """Sweep the `default` chain's step fraction and length on a trained run, judged by local structure (no CDVAE scoring).
 
-``python -m experiments.step_sweep --workdir RUN --num 256 --fractions 0.05 0.02 --schedules 25x10 50x10 [--weights raw ema]``
+``python -m experiments.step_sweep --workdir RUN --num 256 --fractions 0.05 0.02 --schedules 25x10 50x10 [--bands none 0.1:1:100] [--weights raw ema]``
 
 Each setting samples the same latents (same seed) and prints the share of
 atoms with 3 or 4 neighbours within 1.8 A, of isolated atoms, and the
@@ -12,6 +12,7 @@ A fast probe for choosing the sampler: the full table is
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from typing import Any, Sequence
@@ -33,18 +34,30 @@ def schedule(text: str) -> tuple[int, int]:
     return levels, steps
 
 
+def band(text: str) -> tuple[float, float, int] | None:
+    """Return ``(low sigma, high sigma, steps)`` of ``LOW:HIGH:STEPS``, or None for ``none`` (argparse type)."""
+    if text.lower() == "none":
+        return None
+    try:
+        lo, hi, steps = text.split(":")
+        return float(lo), float(hi), int(steps)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a band is LOW:HIGH:STEPS (sigma in A), e.g. 0.1:1:100, or none; got {text!r}") from None
+
+
 def probe(loaded: run.LoadedRun, prior: MixturePrior, fraction: float, levels: int, steps: int, num: int, seed: int,
-          batch_size: int) -> dict[str, Any]:
+          batch_size: int, level_band: tuple[float, float, int] | None = None) -> dict[str, Any]:
     """Return the local structure of ``num`` crystals sampled with the `default` preset at one setting."""
     config, statics, params, meta = loaded
+    extra = {} if level_band is None else dict(band=level_band[:2], band_steps=level_band[2])
     cfg = configs.get_sampler_config(config.dataset, "default", step_fraction=fraction, num_levels=levels,
-                                     steps_per_level=steps)
+                                     steps_per_level=steps, **extra)
     t0 = time.perf_counter()
     result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
                              batch_size=batch_size, prior=prior, progress=False)
     local = local_structure(CrystalSet(**{k: v for k, v in result.to_cdvae().items() if k != "sample_index"}))
     return {"weights": meta["weights"], "epoch": int(meta["epoch"]) + 1, "step_fraction": fraction,
-            "schedule": f"{levels}x{steps}", "num": num, "seconds": round(time.perf_counter() - t0, 1),
+            "schedule": f"{levels}x{steps}", "band": level_band, "num": num, "seconds": round(time.perf_counter() - t0, 1),
             **{k: v for k, v in local.items() if k != "nn_distances"}}
 
 
@@ -55,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=256)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05])
     p.add_argument("--schedules", type=schedule, nargs="+", default=[(25, 10)])
+    p.add_argument("--bands", type=band, nargs="+", default=[None],
+                   help="LOW:HIGH:STEPS: levels with sigma in [LOW, HIGH] A run STEPS steps; none: no band")
     p.add_argument("--weights", nargs="+", choices=("raw", "ema"), default=["ema"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -64,10 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for weights in args.weights:
         loaded = run.load_run(args.workdir, configs.sampler_checkpoint("default"), weights)
         for levels, steps in args.schedules:
-            for fraction in args.fractions:
-                row = probe(loaded, prior, fraction, levels, steps, args.num, args.seed, args.batch_size)
+            for fraction, level_band in itertools.product(args.fractions, args.bands):
+                row = probe(loaded, prior, fraction, levels, steps, args.num, args.seed, args.batch_size, level_band)
                 q = row["nn_distance_quantiles"]
-                print(f"{weights} {row['schedule']} f={fraction}: 3-4-fold {100 * row['share_3_or_4']:.1f}%, "
+                print(f"{weights} {row['schedule']} f={fraction} band={level_band}: 3-4-fold {100 * row['share_3_or_4']:.1f}%, "
                       f"isolated {100 * row['share_isolated']:.1f}%, nearest neighbour 5/50/95% "
                       f"{q[0]:.2f}/{q[2]:.2f}/{q[4]:.2f} A ({row['seconds']} s)", flush=True)
                 if args.out:

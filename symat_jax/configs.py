@@ -182,6 +182,10 @@ class SamplerConfig:
     quiet_levels: int = 0  # the last levels run without Langevin noise (score ascent)
     final_denoise: bool = False  # end with x + denoise_scale * norm(sigma_1) * s(x): the expected clean positions
     denoise_scale: float = 1.0
+    # Levels whose sigma lies in [band[0], band[1]] (A) run band_steps steps instead of steps_per_level: the
+    # chain's time goes where bonds form (sampling.level_steps).
+    band: tuple[float, float] | None = None
+    band_steps: int = 100
 
     @classmethod
     def paper(cls, dataset: str, **overrides: Any) -> "SamplerConfig":

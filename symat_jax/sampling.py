@@ -126,6 +126,18 @@ def level_schedule(model: ModelConfig, cfg: SamplerConfig, score_norm: Sequence[
     return idx, alphas
 
 
+def level_steps(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray) -> np.ndarray:
+    """Return ``[L]`` the number of Langevin steps at each level of the schedule (``cfg.band`` levels: ``band_steps``)."""
+    steps = np.full(len(levels), cfg.steps_per_level, np.int32)
+    if cfg.band is None:
+        return steps
+    lo, hi = cfg.band
+    if not 0 < lo <= hi or cfg.band_steps < 1:
+        raise ValueError(f"band must be 0 < low <= high sigma (A) with band_steps >= 1, got {cfg.band}, {cfg.band_steps}")
+    sigmas = score.noise_levels(model.num_levels, model.sigma_min, model.sigma_max)[levels]
+    return np.where((sigmas >= lo) & (sigmas <= hi), cfg.band_steps, steps).astype(np.int32)
+
+
 def _langevin_step(
     params: Any,
     x: Array,
@@ -249,18 +261,20 @@ def langevin(
                          **settings)
         return x, overflow | ovf
 
+    steps = level_steps(model, cfg, levels)
     if python_loop:
         jitted = jax.jit(_langevin_step, static_argnames=tuple(settings) + (("temp",) if _constant_noise(cfg) else ()))
         for li in range(len(levels)):
-            for i in range(cfg.steps_per_level):
+            for i in range(int(steps[li])):
                 carry = step(i, carry, alphas[li], norms[li], temps[li], level_keys[li], jitted)
     else:
         def level(c, xs):
-            alpha, norm, temp, lkey = xs
+            alpha, norm, temp, lkey, n = xs
             body = functools.partial(step, alpha=alpha, norm=norm, temp=temp, lkey=lkey)
-            return jax.lax.fori_loop(0, cfg.steps_per_level, body, c), None
+            # Without a band every level has the same static trip count (the paper program, unchanged).
+            return jax.lax.fori_loop(0, cfg.steps_per_level if cfg.band is None else n, body, c), None
 
-        carry, _ = jax.lax.scan(level, carry, (alphas, norms, temps, level_keys))
+        carry, _ = jax.lax.scan(level, carry, (alphas, norms, temps, level_keys, jnp.asarray(steps)))
     x, overflow = carry
     if cfg.final_denoise:
         x = denoise(params, x, norm=norms[-1], scale=cfg.denoise_scale, **inputs, **settings)
@@ -394,7 +408,7 @@ def sample(
     compiles once. Compile and run times are reported separately.
     """
     # A setting the run cannot sample is refused before any work, whatever the decoded crystals turn out to be.
-    level_schedule(model, cfg, np.asarray(statics.score_norm))
+    level_steps(model, cfg, level_schedule(model, cfg, np.asarray(statics.score_norm))[0])
     kz, kd, kx = jax.random.split(key, 3)
     decode = _jitted_decode(model, cfg, statics)
     parts = []

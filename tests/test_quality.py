@@ -95,12 +95,31 @@ def test_norm_schedule_moves_every_level_by_the_same_fraction_of_its_target():
 def test_compiled_chain_with_every_option_equals_the_python_loop(params, crystals):  # noqa: F811
     types, mask, lat, z_pos, images = _inputs(crystals, [0, 3])
     cfg = dataclasses.replace(FEW, step_schedule="norm", step_fraction=1e-4, noise_schedule="sigma", temp_coord=1.0,
-                              quiet_levels=1, final_denoise=True, denoise_scale=0.5, top_level=30)
+                              quiet_levels=1, final_denoise=True, denoise_scale=0.5, top_level=30,
+                              band=(0.05, 0.1), band_steps=7)
+    # Levels 30, 15, 0 (sigma 0.69, 0.083, 0.01 A): the band gives the middle one 7 steps instead of 4.
+    np.testing.assert_array_equal(sampling.level_steps(CONFIG, cfg, np.array([30, 15, 0])), [4, 7, 4])
     kw = dict(statics=_statics(), model=CONFIG, cfg=cfg, max_images=images)
     key = jax.random.PRNGKey(3)
     fast = jax.jit(lambda p, k: sampling.langevin(p, k, types, mask, lat, z_pos, **kw))(params, key)
     slow = sampling.langevin(params, key, types, mask, lat, z_pos, **kw, python_loop=True)
     np.testing.assert_allclose(fast[0], slow[0], atol=1e-5)
+    unbanded = sampling.langevin(params, key, types, mask, lat, z_pos, **{**kw, "cfg": dataclasses.replace(cfg, band=None)})
+    assert not np.allclose(fast[0], unbanded[0], atol=1e-5)  # the extra steps ran
+
+
+def test_band_gives_its_levels_their_own_step_count_and_refuses_a_bad_band():
+    model = configs.get_config("carbon_24").model
+    cfg = configs.get_sampler_config("carbon_24", "default", num_levels=25, steps_per_level=10, band=(0.1, 1.0),
+                                     band_steps=100)
+    idx, _ = sampling.level_schedule(model, cfg, np.ones(50))
+    steps = sampling.level_steps(model, cfg, idx)
+    sig = score.noise_levels()[idx]
+    np.testing.assert_array_equal(steps, np.where((sig >= 0.1) & (sig <= 1.0), 100, 10))
+    assert (steps == 100).sum() == 7  # sigma 0.79 ... 0.126 A of the 25 levels
+    for bad in [dict(band=(1.0, 0.1)), dict(band=(0.0, 1.0)), dict(band=(0.1, 1.0), band_steps=0)]:
+        with pytest.raises(ValueError, match="band"):
+            sampling.level_steps(model, dataclasses.replace(cfg, **bad), idx)
 
 
 def _noisy_carbon(crystals, sigma, seed):  # noqa: F811
