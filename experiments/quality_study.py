@@ -23,11 +23,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments.quality_sample import VARIANTS, sample_variant
-from symat_jax.coordination import local_structure
+from symat_jax.coordination import coordination_by_density, local_structure
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import load_split
 from symat_jax.evaluate_cli import run_evaluate
-from symat_jax.geometry import volume_factor
 
 log = logging.getLogger("quality_study")
 
@@ -38,19 +37,6 @@ COLUMNS = [("struct_validity", "struct. valid %", 100), ("comp_validity", "comp.
            ("num_atoms_emd", "# atoms EMD", 1), ("property_emd", "property EMD", 1),
            ("share_3_or_4", "3-4-fold atoms %", 100), ("share_isolated", "isolated atoms %", 100),
            ("seconds_per_crystal", "s / crystal", 1)]
-
-
-def density(crystals: CrystalSet) -> np.ndarray:
-    """Return ``[c]`` densities in g/cm^3 (SPEC 5's density EMD quantity)."""
-    from pymatgen.core import Element
-
-    mass = {z: float(Element.from_Z(z).atomic_mass) for z in np.unique(crystals.atom_types)}
-    out = []
-    for i in range(len(crystals)):
-        types, lengths, angles, _ = crystals.crystal(i)
-        vol = np.prod(lengths) * np.sqrt(max(volume_factor(angles), 0.0))
-        out.append(sum(mass[int(z)] for z in types) / max(vol, 1e-9) * 1.66053906660)
-    return np.asarray(out)
 
 
 def score_variant(folder: pathlib.Path, dataset: str, data_root: str | None, property_model: str | None,
@@ -67,7 +53,7 @@ def score_variant(folder: pathlib.Path, dataset: str, data_root: str | None, pro
     report["seconds_per_crystal"] = summary["run_seconds"] / max(summary["num_requested"], 1)
     report["sampling_device"] = summary.get("device")
     report["atoms_per_cell"] = np.bincount(gen.num_atoms, minlength=25).tolist()
-    report["density_quantiles"] = np.quantile(density(gen), [0.05, 0.25, 0.5, 0.75, 0.95]).tolist() if len(gen) else []
+    report["density_quantiles"] = np.nanquantile(gen.densities(), [0.05, 0.25, 0.5, 0.75, 0.95]).tolist() if len(gen) else []
     path.write_text(json.dumps(report, indent=1))
     return report
 
@@ -85,6 +71,24 @@ def table(rows: dict[str, dict[str, Any]], data_row: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def density_table(rows: dict[str, dict[str, Any]], data_row: dict[str, Any]) -> str:
+    """Return the markdown table of 3-4-fold atoms per density bin (the test split's quartiles), with each bin's share of crystals."""
+    bins = data_row["by_density"]
+    names = [f"< {bins[0]['high']:.2f}"] + [f"{b['low']:.2f}-{b['high']:.2f}" for b in bins[1:-1]] + [f">= {bins[-1]['low']:.2f}"]
+    lines = ["| variant | " + " | ".join(f"{n} g/cm^3" for n in names) + " |", "|" + "---|" * (len(bins) + 1)]
+    for name, r in [("test split (data)", data_row)] + list(rows.items()):
+        cells = [f"{100 * b['share_3_or_4']:.1f} ({100 * b['share_crystals']:.0f}%)" if b["share_3_or_4"] is not None
+                 else f"- ({100 * b['share_crystals']:.0f}%)" for b in r["by_density"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def finite_densities(crystals: CrystalSet) -> np.ndarray:
+    """Return the densities (g/cm^3) of the cells that have a volume."""
+    d = crystals.densities()
+    return d[np.isfinite(d)]
+
+
 def scaled_lengths(crystals: CrystalSet) -> np.ndarray:
     """Return the lattice lengths divided by N^(1/3) (the quantity the lattice decoder predicts), pooled over a, b, c."""
     return (crystals.lengths / np.cbrt(np.maximum(crystals.num_atoms, 1))[:, None]).ravel()
@@ -100,7 +104,7 @@ def plots(root: pathlib.Path, rows: dict[str, dict[str, Any]], test: CrystalSet,
     fig, axes = plt.subplots(1, 4, figsize=(22, 4.5))
     test_n = np.bincount(test.num_atoms, minlength=25)
     axes[0].bar(np.arange(25), test_n / test_n.sum(), color="k", alpha=0.3, label="test split")
-    quantities = [(density, np.linspace(0.5, 5.0, 46)), (scaled_lengths, np.linspace(0.0, 6.0, 61)),
+    quantities = [(finite_densities, np.linspace(0.5, 5.0, 46)), (scaled_lengths, np.linspace(0.0, 6.0, 61)),
                   (lambda c: local_structure(c)["nn_distances"], np.linspace(0.5, 2.5, 41))]
     for ax, (fn, bins) in zip(axes[1:], quantities):
         ax.hist(np.clip(fn(test), bins[0], bins[-1]), bins=bins, density=True, color="k", alpha=0.3, label="test split")
@@ -146,12 +150,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         folders[name] = folder
     test = CrystalSet.from_dataset(load_split(args.dataset, "test", args.data_root, with_graph=False, progress=False))
     data_local = local_structure(test)
-    data_row = {"share_3_or_4": data_local["share_3_or_4"], "share_isolated": data_local["share_isolated"]}
+    # Density bins at the test split's quartiles: 3-4-fold atoms per bin tell sparse cells from unbuilt bonds.
+    edges = np.nanquantile(test.densities(), [0.25, 0.5, 0.75])
+    data_row = {"share_3_or_4": data_local["share_3_or_4"], "share_isolated": data_local["share_isolated"],
+                "by_density": coordination_by_density(test, edges)}
     rows = {}
     for name, folder in folders.items():
         log.info("scoring %s", name)
         rows[name] = score_variant(folder, args.dataset, args.data_root, args.property_model, test)
-    text = table(rows, data_row)
+        rows[name]["by_density"] = coordination_by_density(CrystalSet.from_samples(folder), edges)
+    text = table(rows, data_row) + "\n3-4-fold atoms % by density (share of crystals in the bin):\n\n" + \
+        density_table(rows, data_row)
     (root / "results.md").write_text(text)
     (root / "results.json").write_text(json.dumps({"rows": rows, "data": data_row}, indent=1))
     plots(root, rows, test, folders)

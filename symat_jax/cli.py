@@ -171,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="base step size of the paper step schedule (paper preset: 1e-4)")
     p.add_argument("--step-fraction", type=positive_float, default=None,
                    help="share of the predicted target moved per step, 'norm' step schedule (default preset: 0.05)")
+    p.add_argument("--band", type=positive_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="levels with sigma in [LOW, HIGH] A run --band-steps steps (where bonds form)")
+    p.add_argument("--no-band", dest="band", action="store_const", const=(),
+                   help="every level runs --langevin-steps steps (drops the preset's band)")
+    p.add_argument("--band-steps", type=positive_int, default=None, help="steps per level inside the band")
     p.add_argument("--prior", choices=PRIOR_KINDS, default=None,
                    help="latent prior: 'standard' N(0, T^2 I) or 'gmm' (the run's fitted prior.npz)")
     p.add_argument("--final-denoise", dest="final_denoise", action="store_true", default=None,
@@ -219,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.workdir, args.num, args.out, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
                 checkpoint=args.checkpoint, weights=args.weights, overwrite=args.overwrite, num_levels=args.levels,
                 steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
-                prior=args.prior,
+                prior=args.prior, band=None if args.band is None else tuple(args.band), band_steps=args.band_steps,
                 final_denoise=args.final_denoise, decode=args.decode, decode_temperature=args.decode_temperature,
             )
             print(json.dumps(summary, indent=1))

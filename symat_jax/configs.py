@@ -183,7 +183,7 @@ class SamplerConfig:
     final_denoise: bool = False  # end with x + denoise_scale * norm(sigma_1) * s(x): the expected clean positions
     denoise_scale: float = 1.0
     # Levels whose sigma lies in [band[0], band[1]] (A) run band_steps steps instead of steps_per_level: the
-    # chain's time goes where bonds form (sampling.level_steps).
+    # chain's time goes where bonds form (sampling.level_steps). None or () = no band.
     band: tuple[float, float] | None = None
     band_steps: int = 100
 

@@ -31,23 +31,34 @@ def neighbor_distances(frac: np.ndarray, lattice: np.ndarray, cutoff: float) -> 
     return [np.sort(row[(row > 1e-6) & (row <= cutoff)]) for row in d]
 
 
-def local_structure(crystals: CrystalSet, cutoff: float = BOND_CUTOFF, nn_cutoff: float = 4.0) -> dict[str, Any]:
+def crystal_coordination(crystals: CrystalSet, cutoff: float = BOND_CUTOFF,
+                         nn_cutoff: float = 4.0) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Return per crystal ``(neighbours within cutoff [n], nearest-neighbour distance [n], inf beyond nn_cutoff)``; None for a degenerate cell."""
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for i in range(len(crystals)):
+        types, lengths, angles, frac = crystals.crystal(i)
+        lat = lattice_matrix_np(lengths, angles)
+        if not np.all(np.isfinite(lat)) or abs(np.linalg.det(lat)) < 1e-3:
+            out.append(None)
+            continue
+        rows = neighbor_distances(np.asarray(frac, float), lat, max(cutoff, nn_cutoff))
+        out.append((np.array([int(np.sum(r <= cutoff)) for r in rows], int),
+                    np.array([float(r[0]) if len(r) else np.inf for r in rows])))
+    return out
+
+
+def local_structure(crystals: CrystalSet, cutoff: float = BOND_CUTOFF, nn_cutoff: float = 4.0,
+                    per_crystal: list[tuple[np.ndarray, np.ndarray] | None] | None = None) -> dict[str, Any]:
     """Return per-atom coordination within ``cutoff`` (share of atoms with 0..6+ neighbours) and nearest-neighbour distances.
 
     ``coordination_share[k]``: share of all atoms with exactly k neighbours
     within ``cutoff`` (the last entry: k or more); ``nn_distance``: each
     atom's nearest neighbour (within ``nn_cutoff``; inf beyond).
+    ``per_crystal``: :func:`crystal_coordination`'s output, when already computed.
     """
-    coord, nn = [], []
-    for i in range(len(crystals)):
-        types, lengths, angles, frac = crystals.crystal(i)
-        lat = lattice_matrix_np(lengths, angles)
-        if not np.all(np.isfinite(lat)) or abs(np.linalg.det(lat)) < 1e-3:
-            continue
-        for row in neighbor_distances(np.asarray(frac, float), lat, max(cutoff, nn_cutoff)):
-            coord.append(int(np.sum(row <= cutoff)))
-            nn.append(float(row[0]) if len(row) else np.inf)
-    coord_arr, nn_arr = np.asarray(coord), np.asarray(nn)
+    kept = [c for c in (per_crystal or crystal_coordination(crystals, cutoff, nn_cutoff)) if c is not None]
+    coord_arr = np.concatenate([c for c, _ in kept]) if kept else np.zeros(0, int)
+    nn_arr = np.concatenate([d for _, d in kept]) if kept else np.zeros(0)
     share = np.bincount(np.minimum(coord_arr, 6), minlength=7) / max(len(coord_arr), 1)
     finite = nn_arr[np.isfinite(nn_arr)]
     return {
@@ -58,3 +69,24 @@ def local_structure(crystals: CrystalSet, cutoff: float = BOND_CUTOFF, nn_cutoff
         "nn_distance_quantiles": [float(q) for q in np.quantile(finite, [0.05, 0.25, 0.5, 0.75, 0.95])] if len(finite) else [],
         "nn_distances": nn_arr,
     }
+
+
+def coordination_by_density(crystals: CrystalSet, edges: np.ndarray, cutoff: float = BOND_CUTOFF) -> list[dict[str, Any]]:
+    """Return, per density bin ``[edges[k], edges[k+1])`` (g/cm^3; open ends), the share of crystals in it and of their atoms 3-4-fold / isolated.
+
+    Separates "the cells are too sparse to bond" from "the chain did not
+    build the bonds a cell of that density allows": pass the reference
+    set's density quantiles as ``edges`` and read the two sets side by side.
+    """
+    dens = crystals.densities()
+    per = crystal_coordination(crystals, cutoff)
+    bins = np.digitize(dens, np.asarray(edges, float))  # 0 .. len(edges); NaN lands past the last edge
+    bounds = [-np.inf, *map(float, edges), np.inf]
+    out = []
+    for b in range(len(edges) + 1):
+        members = [per[i] for i in np.flatnonzero((bins == b) & np.isfinite(dens)) if per[i] is not None]
+        coord = np.concatenate([c for c, _ in members]) if members else np.zeros(0, int)
+        out.append({"low": bounds[b], "high": bounds[b + 1], "share_crystals": len(members) / max(len(crystals), 1),
+                    "share_3_or_4": float(np.mean((coord == 3) | (coord == 4))) if len(coord) else None,
+                    "share_isolated": float(np.mean(coord == 0)) if len(coord) else None})
+    return out

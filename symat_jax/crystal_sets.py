@@ -20,6 +20,7 @@ import numpy as np
 from symat_jax.data import ragged
 from symat_jax.data.dataset import CrystalDataset
 from symat_jax.files import read_json
+from symat_jax.geometry import volume_factor
 from symat_jax.input_pipeline import pad_atoms
 
 
@@ -67,6 +68,16 @@ class CrystalSet:
     def __len__(self) -> int:
         """Return the number of crystals with coordinates (rejects not included)."""
         return len(self.num_atoms)
+
+    def densities(self) -> np.ndarray:
+        """Return ``[c]`` densities in g/cm^3 (SPEC 5's density EMD quantity; NaN for a cell without volume)."""
+        from pymatgen.core import Element
+
+        mass = {int(z): float(Element.from_Z(int(z)).atomic_mass) for z in np.unique(self.atom_types)}
+        cell_mass = np.array([sum(mass[int(z)] for z in t) for t in np.split(self.atom_types, self.offsets[1:-1])])
+        volume = np.prod(self.lengths, axis=1) * np.sqrt(np.maximum([volume_factor(a) for a in self.angles], 0.0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(volume > 1e-9, cell_mass / volume * 1.66053906660, np.nan)  # amu / A^3 -> g / cm^3
 
     @property
     def offsets(self) -> np.ndarray:

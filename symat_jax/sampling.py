@@ -129,7 +129,7 @@ def level_schedule(model: ModelConfig, cfg: SamplerConfig, score_norm: Sequence[
 def level_steps(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray) -> np.ndarray:
     """Return ``[L]`` the number of Langevin steps at each level of the schedule (``cfg.band`` levels: ``band_steps``)."""
     steps = np.full(len(levels), cfg.steps_per_level, np.int32)
-    if cfg.band is None:
+    if not cfg.band:
         return steps
     lo, hi = cfg.band
     if not 0 < lo <= hi or cfg.band_steps < 1:
@@ -272,7 +272,7 @@ def langevin(
             alpha, norm, temp, lkey, n = xs
             body = functools.partial(step, alpha=alpha, norm=norm, temp=temp, lkey=lkey)
             # Without a band every level has the same static trip count (the paper program, unchanged).
-            return jax.lax.fori_loop(0, cfg.steps_per_level if cfg.band is None else n, body, c), None
+            return jax.lax.fori_loop(0, cfg.steps_per_level if not cfg.band else n, body, c), None
 
         carry, _ = jax.lax.scan(level, carry, (alphas, norms, temps, level_keys, jnp.asarray(steps)))
     x, overflow = carry

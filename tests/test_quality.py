@@ -12,7 +12,7 @@ import pytest
 
 from symat_jax import configs, geometry, graphs, latents, losses, sampling, score
 from symat_jax.model import SyMat
-from symat_jax.coordination import local_structure, neighbor_distances
+from symat_jax.coordination import coordination_by_density, local_structure, neighbor_distances
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.prior import MixturePrior, mixture_log_density, sample_mixture
 
@@ -180,6 +180,26 @@ def test_local_structure_matches_pymatgen_neighbours_and_the_carbon_data(test_sp
     stats = local_structure(CrystalSet.from_dataset(test_splits["carbon_24"]))
     assert stats["share_3_or_4"] > 0.99 and stats["share_isolated"] == 0.0  # real carbon is 3- or 4-fold
     assert 1.3 < stats["nn_distance_quantiles"][0] and stats["nn_distance_quantiles"][-1] < 1.6
+
+
+def test_densities_match_pymatgen_and_stretched_cells_lose_their_bonds_in_the_low_density_bin(test_splits):
+    from symat_jax.data.canonical import to_structure
+
+    real = CrystalSet.from_dataset(test_splits["carbon_24"])
+    dens = real.densities()
+    for i in range(0, len(real), max(len(real) // 7, 1)):
+        np.testing.assert_allclose(dens[i], to_structure(*real.crystal(i)).density, rtol=1e-6)
+    # The same crystals with every cell stretched by 1.3: density / 2.2, and bonds of 1.4-1.5 A become 1.8-2.0 A.
+    stretched = dataclasses.replace(real, lengths=real.lengths * 1.3)
+    np.testing.assert_allclose(stretched.densities(), dens / 1.3 ** 3, rtol=1e-6)
+    both = CrystalSet(np.concatenate([real.num_atoms, stretched.num_atoms]),
+                      np.concatenate([real.atom_types, stretched.atom_types]),
+                      np.concatenate([real.frac_coords, stretched.frac_coords]),
+                      np.concatenate([real.lengths, stretched.lengths]), np.concatenate([real.angles, real.angles]))
+    low, high = coordination_by_density(both, [dens.min() - 1e-6])
+    assert low["share_crystals"] == pytest.approx(0.5) and high["share_crystals"] == pytest.approx(0.5)
+    assert high["share_3_or_4"] > 0.99 and low["share_3_or_4"] < 0.05 and low["share_isolated"] > 0.5
+    assert (low["low"], high["high"]) == (-np.inf, np.inf)
 
 
 def test_coordinate_loss_averages_over_the_three_components():
