@@ -40,12 +40,15 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gmm_langevin_25x10": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, num_levels=25, steps_per_level=10,
                                                    **LANGEVIN)),
     "default": ("default", "latest", {}),
-    "default_50x10": ("default", "latest", dict(steps_per_level=10)),
-    "default_25x10": ("default", "latest", dict(num_levels=25, steps_per_level=10)),
+    # The default chain before the band (sessions 3-5): 50 x 100, and its short versions.
+    "default_50x100": ("default", "latest", dict(num_levels=50, steps_per_level=100, band=None)),
+    "default_50x10": ("default", "latest", dict(num_levels=50, steps_per_level=10, band=None)),
+    "default_25x10": ("default", "latest", dict(num_levels=25, steps_per_level=10, band=None)),
+    "default_band300": ("default", "latest", dict(band_steps=300)),
     "default_raw": ("default", "latest", dict(weights="raw")),
     "default_ema": ("default", "latest", dict(weights="ema")),
-    "default_25x10_raw": ("default", "latest", dict(num_levels=25, steps_per_level=10, weights="raw")),
-    "default_25x10_ema": ("default", "latest", dict(num_levels=25, steps_per_level=10, weights="ema")),
+    "default_25x10_raw": ("default", "latest", dict(num_levels=25, steps_per_level=10, band=None, weights="raw")),
+    "default_25x10_ema": ("default", "latest", dict(num_levels=25, steps_per_level=10, band=None, weights="ema")),
 }
 
 

@@ -49,7 +49,7 @@ def probe(loaded: run.LoadedRun, prior: MixturePrior, fraction: float, levels: i
           batch_size: int, level_band: tuple[float, float, int] | None = None) -> dict[str, Any]:
     """Return the local structure of ``num`` crystals sampled with the `default` preset at one setting."""
     config, statics, params, meta = loaded
-    extra = {} if level_band is None else dict(band=level_band[:2], band_steps=level_band[2])
+    extra = dict(band=None) if level_band is None else dict(band=level_band[:2], band_steps=level_band[2])
     cfg = configs.get_sampler_config(config.dataset, "default", step_fraction=fraction, num_levels=levels,
                                      steps_per_level=steps, **extra)
     t0 = time.perf_counter()
@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05])
     p.add_argument("--schedules", type=schedule, nargs="+", default=[(25, 10)])
     p.add_argument("--bands", type=band, nargs="+", default=[None],
-                   help="LOW:HIGH:STEPS: levels with sigma in [LOW, HIGH] A run STEPS steps; none: no band")
+                   help="LOW:HIGH:STEPS: levels with sigma in [LOW, HIGH] A run STEPS steps; none (default): every level runs "
+                        "the schedule's steps (the `default` preset's band is 0.03:0.1:1000)")
     p.add_argument("--weights", nargs="+", choices=("raw", "ema"), default=["ema"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
