@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--property-epochs", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=256, help="sampling batch")
-    p.add_argument("--langevin-steps", type=int, default=None, help="steps per noise level (default 100)")
+    p.add_argument("--langevin-steps", type=int, default=None, help="steps per noise level (default: the sampler preset's)")
     p.add_argument("--sampler-preset", default="default", choices=("paper", "default"),
                    help="sampler preset (symat_jax.configs.get_sampler_config)")
     p.add_argument("--model-workdir", default=None)

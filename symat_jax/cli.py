@@ -165,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="sampler preset: 'paper' is SPEC 4 exactly; 'default' the best measured setting")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--levels", type=positive_int, default=None,
-                   help="noise levels used (paper: 50, at most the trained ones)")
-    p.add_argument("--langevin-steps", type=positive_int, default=None, help="steps per level (paper: 100)")
+                   help="noise levels used (paper: 50; default preset: 25; at most the trained ones)")
+    p.add_argument("--langevin-steps", type=positive_int, default=None, help="steps per level outside the band (paper: 100; default preset: 10)")
     p.add_argument("--step-size", type=positive_float, default=None,
                    help="base step size of the paper step schedule (paper preset: 1e-4)")
     p.add_argument("--step-fraction", type=positive_float, default=None,
