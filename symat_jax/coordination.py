@@ -47,16 +47,14 @@ def crystal_coordination(crystals: CrystalSet, cutoff: float = BOND_CUTOFF,
     return out
 
 
-def local_structure(crystals: CrystalSet, cutoff: float = BOND_CUTOFF, nn_cutoff: float = 4.0,
-                    per_crystal: list[tuple[np.ndarray, np.ndarray] | None] | None = None) -> dict[str, Any]:
+def local_structure(crystals: CrystalSet, cutoff: float = BOND_CUTOFF, nn_cutoff: float = 4.0) -> dict[str, Any]:
     """Return per-atom coordination within ``cutoff`` (share of atoms with 0..6+ neighbours) and nearest-neighbour distances.
 
     ``coordination_share[k]``: share of all atoms with exactly k neighbours
     within ``cutoff`` (the last entry: k or more); ``nn_distance``: each
     atom's nearest neighbour (within ``nn_cutoff``; inf beyond).
-    ``per_crystal``: :func:`crystal_coordination`'s output, when already computed.
     """
-    kept = [c for c in (per_crystal or crystal_coordination(crystals, cutoff, nn_cutoff)) if c is not None]
+    kept = [c for c in crystal_coordination(crystals, cutoff, nn_cutoff) if c is not None]
     coord_arr = np.concatenate([c for c, _ in kept]) if kept else np.zeros(0, int)
     nn_arr = np.concatenate([d for _, d in kept]) if kept else np.zeros(0)
     share = np.bincount(np.minimum(coord_arr, 6), minlength=7) / max(len(coord_arr), 1)
