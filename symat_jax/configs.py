@@ -186,6 +186,10 @@ class SamplerConfig:
     # chain's time goes where bonds form (sampling.level_steps). None or () = no band.
     band: tuple[float, float] | None = None
     band_steps: int = 100
+    # Restart sampling (Xu et al., NeurIPS 2023): after the chain, add noise back up to the schedule's level
+    # nearest restart_sigma (A) and run the chain's levels from there down again, `restarts` times.
+    restarts: int = 0
+    restart_sigma: float = 0.3
 
     @classmethod
     def paper(cls, dataset: str, **overrides: Any) -> "SamplerConfig":

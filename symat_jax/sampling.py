@@ -126,6 +126,17 @@ def level_schedule(model: ModelConfig, cfg: SamplerConfig, score_norm: Sequence[
     return idx, alphas
 
 
+def restart_start(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray) -> int:
+    """Return the position in the schedule ``levels`` where each restart begins (the level nearest ``restart_sigma``)."""
+    if cfg.restarts < 0:
+        raise ValueError(f"restarts must be >= 0, got {cfg.restarts}")
+    sigmas = score.noise_levels(model.num_levels, model.sigma_min, model.sigma_max)[levels]
+    if cfg.restarts and not sigmas[-1] < cfg.restart_sigma <= sigmas[0]:
+        raise ValueError(f"restart_sigma must lie in ({sigmas[-1]:.3g}, {sigmas[0]:.3g}] A (the schedule's range), "
+                         f"got {cfg.restart_sigma}")
+    return int(np.argmin(np.abs(np.log(sigmas / cfg.restart_sigma))))
+
+
 def level_steps(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray) -> np.ndarray:
     """Return ``[L]`` the number of Langevin steps at each level of the schedule (``cfg.band`` levels: ``band_steps``)."""
     steps = np.full(len(levels), cfg.steps_per_level, np.int32)
@@ -232,8 +243,9 @@ def langevin(
     One program: ``lax.scan`` over the levels (high to low noise),
     ``fori_loop`` over the steps of each level; shapes are fixed. The chain
     starts uniform in the cell, or at cartesian ``x0 [b, n, 3]``; the last
-    ``cfg.quiet_levels`` levels run without noise and ``cfg.final_denoise``
-    ends with :func:`denoise` at the lowest level.
+    ``cfg.quiet_levels`` levels run without noise; ``cfg.restarts`` times the
+    chain is then noised back up to ``cfg.restart_sigma`` and those levels run
+    again; ``cfg.final_denoise`` ends with :func:`denoise` at the lowest level.
     ``max_images`` (default: the training set's range, ``statics.max_images``)
     bounds the periodic images searched; a lattice that needs more raises the
     overflow flag. ``python_loop=True`` runs the same steps one jitted step at
@@ -262,19 +274,36 @@ def langevin(
         return x, overflow | ovf
 
     steps = level_steps(model, cfg, levels)
-    if python_loop:
-        jitted = jax.jit(_langevin_step, static_argnames=tuple(settings) + (("temp",) if _constant_noise(cfg) else ()))
-        for li in range(len(levels)):
-            for i in range(int(steps[li])):
-                carry = step(i, carry, alphas[li], norms[li], temps[li], level_keys[li], jitted)
-    else:
-        def level(c, xs):
-            alpha, norm, temp, lkey, n = xs
-            body = functools.partial(step, alpha=alpha, norm=norm, temp=temp, lkey=lkey)
-            # Without a band every level has the same static trip count (the paper program, unchanged).
-            return jax.lax.fori_loop(0, cfg.steps_per_level if not cfg.band else n, body, c), None
+    jitted = jax.jit(_langevin_step, static_argnames=tuple(settings) + (("temp",) if _constant_noise(cfg) else ()))
 
-        carry, _ = jax.lax.scan(level, carry, (alphas, norms, temps, level_keys, jnp.asarray(steps)))
+    def level(c, xs):
+        alpha, norm, temp, lkey, n = xs
+        body = functools.partial(step, alpha=alpha, norm=norm, temp=temp, lkey=lkey)
+        # Without a band every level has the same static trip count (the paper program, unchanged).
+        return jax.lax.fori_loop(0, cfg.steps_per_level if not cfg.band else n, body, c), None
+
+    def run_levels(c, xs):
+        if not python_loop:
+            return jax.lax.scan(level, c, xs)[0]
+        for alpha, norm, temp, lkey, n in zip(*xs):
+            for i in range(int(n)):
+                c = step(i, c, alpha, norm, temp, lkey, jitted)
+        return c
+
+    carry = run_levels(carry, (alphas, norms, temps, level_keys, jnp.asarray(steps)))
+    if cfg.restarts:
+        sigmas = jnp.asarray(score.noise_levels(model.num_levels, model.sigma_min, model.sigma_max)[levels], jnp.float32)
+        r0 = restart_start(model, cfg, levels)
+        for r in range(cfg.restarts):
+            kr = jax.random.fold_in(key, 1_000_003 + r)
+            x, overflow = carry
+            # Forward noise from the last level up to the restart level: the chain's accumulated error is
+            # blurred at that scale and annealed again (Restart sampling).
+            lift = jnp.sqrt(sigmas[r0] ** 2 - sigmas[-1] ** 2)
+            x = jax.vmap(score.perturb)(x, lattice, atom_mask, jnp.broadcast_to(lift, atom_mask.shape[:1]),
+                                         jax.random.normal(jax.random.fold_in(kr, 0), x.shape))
+            rkeys = jax.random.split(jax.random.fold_in(kr, 1), len(levels))
+            carry = run_levels((x, overflow), (alphas[r0:], norms[r0:], temps[r0:], rkeys[r0:], jnp.asarray(steps[r0:])))
     x, overflow = carry
     if cfg.final_denoise:
         x = denoise(params, x, norm=norms[-1], scale=cfg.denoise_scale, **inputs, **settings)
@@ -408,7 +437,9 @@ def sample(
     compiles once. Compile and run times are reported separately.
     """
     # A setting the run cannot sample is refused before any work, whatever the decoded crystals turn out to be.
-    level_steps(model, cfg, level_schedule(model, cfg, np.asarray(statics.score_norm))[0])
+    levels = level_schedule(model, cfg, np.asarray(statics.score_norm))[0]
+    level_steps(model, cfg, levels)
+    restart_start(model, cfg, levels)
     kz, kd, kx = jax.random.split(key, 3)
     decode = _jitted_decode(model, cfg, statics)
     parts = []

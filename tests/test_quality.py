@@ -96,9 +96,11 @@ def test_compiled_chain_with_every_option_equals_the_python_loop(params, crystal
     types, mask, lat, z_pos, images = _inputs(crystals, [0, 3])
     cfg = dataclasses.replace(FEW, step_schedule="norm", step_fraction=1e-4, noise_schedule="sigma", temp_coord=1.0,
                               quiet_levels=1, final_denoise=True, denoise_scale=0.5, top_level=30,
-                              band=(0.05, 0.1), band_steps=7)
-    # Levels 30, 15, 0 (sigma 0.69, 0.083, 0.01 A): the band gives the middle one 7 steps instead of 4.
+                              band=(0.05, 0.1), band_steps=7, restarts=1, restart_sigma=0.1)
+    # Levels 30, 15, 0 (sigma 0.69, 0.083, 0.01 A): the band gives the middle one 7 steps instead of 4, and the
+    # restart noises back to level 15 (the nearest to 0.1 A) and runs levels 15 and 0 again.
     np.testing.assert_array_equal(sampling.level_steps(CONFIG, cfg, np.array([30, 15, 0])), [4, 7, 4])
+    assert sampling.restart_start(CONFIG, cfg, np.array([30, 15, 0])) == 1
     kw = dict(statics=_statics(), model=CONFIG, cfg=cfg, max_images=images)
     key = jax.random.PRNGKey(3)
     fast = jax.jit(lambda p, k: sampling.langevin(p, k, types, mask, lat, z_pos, **kw))(params, key)
@@ -106,6 +108,20 @@ def test_compiled_chain_with_every_option_equals_the_python_loop(params, crystal
     np.testing.assert_allclose(fast[0], slow[0], atol=1e-5)
     unbanded = sampling.langevin(params, key, types, mask, lat, z_pos, **{**kw, "cfg": dataclasses.replace(cfg, band=None)})
     assert not np.allclose(fast[0], unbanded[0], atol=1e-5)  # the extra steps ran
+    no_restart = sampling.langevin(params, key, types, mask, lat, z_pos, **{**kw, "cfg": dataclasses.replace(cfg, restarts=0)})
+    assert not np.allclose(fast[0], no_restart[0], atol=1e-5)  # the restart ran
+
+
+def test_restart_level_is_the_nearest_to_restart_sigma_and_a_bad_one_is_refused():
+    model = configs.get_config("carbon_24").model
+    cfg = configs.get_sampler_config("carbon_24", "default", restarts=2, restart_sigma=0.3)
+    idx, _ = sampling.level_schedule(model, cfg, np.ones(50))
+    r0 = sampling.restart_start(model, cfg, idx)
+    np.testing.assert_allclose(score.noise_levels()[idx][r0], 0.295, atol=1e-3)  # 25 levels: ..., 0.391, 0.295, 0.222 A, ...
+    for bad in [dict(restart_sigma=20.0), dict(restart_sigma=0.005), dict(restarts=-1)]:
+        with pytest.raises(ValueError, match="restart"):
+            sampling.restart_start(model, dataclasses.replace(cfg, **bad), idx)
+    assert sampling.restart_start(model, dataclasses.replace(cfg, restarts=0, restart_sigma=20.0), idx) >= 0  # off: unchecked
 
 
 def test_band_gives_its_levels_their_own_step_count_and_refuses_a_bad_band():
