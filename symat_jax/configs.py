@@ -190,6 +190,9 @@ class SamplerConfig:
     # nearest restart_sigma (A) and run the chain's levels from there down again, `restarts` times.
     restarts: int = 0
     restart_sigma: float = 0.3
+    # Noise-free steps at the lowest level after the chain (before the final denoise): score ascent to the model's
+    # nearest fixed point, which removes the spread the chain's noise leaves at sigma_1.
+    quench_steps: int = 0
 
     @classmethod
     def paper(cls, dataset: str, **overrides: Any) -> "SamplerConfig":

@@ -139,6 +139,8 @@ def restart_start(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray) ->
 
 def level_steps(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray) -> np.ndarray:
     """Return ``[L]`` the number of Langevin steps at each level of the schedule (``cfg.band`` levels: ``band_steps``)."""
+    if cfg.quench_steps < 0:
+        raise ValueError(f"quench_steps must be >= 0, got {cfg.quench_steps}")
     steps = np.full(len(levels), cfg.steps_per_level, np.int32)
     if not cfg.band:
         return steps
@@ -245,7 +247,8 @@ def langevin(
     starts uniform in the cell, or at cartesian ``x0 [b, n, 3]``; the last
     ``cfg.quiet_levels`` levels run without noise; ``cfg.restarts`` times the
     chain is then noised back up to ``cfg.restart_sigma`` and those levels run
-    again; ``cfg.final_denoise`` ends with :func:`denoise` at the lowest level.
+    again; ``cfg.quench_steps`` noise-free steps at the lowest level follow, and
+    ``cfg.final_denoise`` ends with :func:`denoise` at the lowest level.
     ``max_images`` (default: the training set's range, ``statics.max_images``)
     bounds the periodic images searched; a lattice that needs more raises the
     overflow flag. ``python_loop=True`` runs the same steps one jitted step at
@@ -264,11 +267,11 @@ def langevin(
     inputs = dict(lattice=lattice, atom_types=atom_types, atom_mask=atom_mask, z_pos=z_pos)
     settings = dict(model=model, graph_config=graph_config)
 
-    def step(i, c, alpha, norm, temp, lkey, step_fn=_langevin_step):
+    def step(i, c, alpha, norm, temp, lkey, step_fn=_langevin_step, quiet=False):
         x, overflow = c
         # The paper setting's noise scale is a constant, folded into the program exactly as SPEC 4 writes
         # it (a traced scale changes float rounding in the last bits).
-        temp = cfg.temp_coord if _constant_noise(cfg) else temp
+        temp = 0.0 if quiet else cfg.temp_coord if _constant_noise(cfg) else temp
         x, ovf = step_fn(params, x, jax.random.fold_in(lkey, i), alpha=alpha, norm=norm, temp=temp, **inputs,
                          **settings)
         return x, overflow | ovf
@@ -304,6 +307,13 @@ def langevin(
                                          jax.random.normal(jax.random.fold_in(kr, 0), x.shape))
             rkeys = jax.random.split(jax.random.fold_in(kr, 1), len(levels))
             carry = run_levels((x, overflow), (alphas[r0:], norms[r0:], temps[r0:], rkeys[r0:], jnp.asarray(steps[r0:])))
+    if cfg.quench_steps:
+        quench = functools.partial(step, alpha=alphas[-1], norm=norms[-1], temp=0.0, lkey=level_keys[-1], quiet=True)
+        if python_loop:
+            for i in range(cfg.quench_steps):
+                carry = quench(i, carry, step_fn=jitted)
+        else:
+            carry = jax.lax.fori_loop(0, cfg.quench_steps, quench, carry)
     x, overflow = carry
     if cfg.final_denoise:
         x = denoise(params, x, norm=norms[-1], scale=cfg.denoise_scale, **inputs, **settings)

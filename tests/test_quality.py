@@ -96,7 +96,7 @@ def test_compiled_chain_with_every_option_equals_the_python_loop(params, crystal
     types, mask, lat, z_pos, images = _inputs(crystals, [0, 3])
     cfg = dataclasses.replace(FEW, step_schedule="norm", step_fraction=1e-4, noise_schedule="sigma", temp_coord=1.0,
                               quiet_levels=1, final_denoise=True, denoise_scale=0.5, top_level=30,
-                              band=(0.05, 0.1), band_steps=7, restarts=1, restart_sigma=0.1)
+                              band=(0.05, 0.1), band_steps=7, restarts=1, restart_sigma=0.1, quench_steps=2)
     # Levels 30, 15, 0 (sigma 0.69, 0.083, 0.01 A): the band gives the middle one 7 steps instead of 4, and the
     # restart noises back to level 15 (the nearest to 0.1 A) and runs levels 15 and 0 again.
     np.testing.assert_array_equal(sampling.level_steps(CONFIG, cfg, np.array([30, 15, 0])), [4, 7, 4])
@@ -186,6 +186,35 @@ def test_denoising_step_with_an_exact_score_brings_noisy_crystals_closer(crystal
     after = {s: _distance_error(sampling.denoise(None, noisy, scale=s, **kw), clean, lat, mask, graph_config)
              for s in (0.25, 0.35, 0.5)}
     assert min(after.values()) < 0.75 * before, (before, after)
+
+
+def test_quench_steps_with_an_exact_score_bring_a_noisy_crystal_to_its_clean_bonds(crystals, monkeypatch):  # noqa: F811
+    sigma = float(score.noise_levels()[8])  # 0.031 A: the fingerprint's tolerance is about half of that
+    clean, noisy, lat, mask, types = _noisy_carbon(crystals, sigma, 8)
+    images = _inputs(crystals, list(range(8)))[-1]
+    graph_config = score.ScoreGraphConfig(3.0, 5, images)
+
+    def exact(net_params, model, x, lattice, atom_types, atom_mask, z_pos, *, graph_config, num_nodes=None):
+        nl = jax.vmap(functools.partial(score.score_graph, config=graph_config))(x, lattice, atom_mask)
+        return jax.vmap(score.score_target)(clean, x, lattice, nl), nl
+
+    monkeypatch.setattr(sampling, "coordinate_scores", exact)
+    statics = dataclasses.replace(_statics(), score_norm=(1.0,) * 50)
+    # One noisy step at the lowest level, then (or not) the quench.
+    cfg = configs.get_sampler_config("carbon_24", "default", top_level=0, num_levels=1, steps_per_level=1, band=None,
+                                     final_denoise=False)
+
+    def chain(quench, seed):
+        out, _ = sampling.langevin(None, jax.random.PRNGKey(seed), types, mask, lat, jnp.zeros((8, 1)), statics=statics,
+                                   model=CONFIG, cfg=dataclasses.replace(cfg, quench_steps=quench), max_images=images,
+                                   x0=noisy)
+        return geometry.frac_to_cart(out, lat)
+
+    before = _distance_error(chain(0, 0), clean, lat, mask, graph_config)
+    after = _distance_error(chain(60, 0), clean, lat, mask, graph_config)
+    assert after < 0.3 * before, (before, after)
+    # The quench adds no noise: after one noisy step drawn with another key it lands as close.
+    assert _distance_error(chain(60, 1), clean, lat, mask, graph_config) < 0.3 * before
 
 
 def _coordination(x, lattice, mask):
