@@ -121,6 +121,14 @@ def positive_int(text: str) -> int:
     return int(_positive(text, integer=True))
 
 
+def non_negative_int(text: str) -> int:
+    """Return ``text`` as an integer >= 0 (argparse type)."""
+    value = int(_number(text, integer=True))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def focus_sigma(text: str) -> float | str:
     """Return ``text`` as a sigma > 0, or the word ``uniform`` (argparse type of ``--focus-sigma``)."""
     return "uniform" if text == "uniform" else positive_float(text)
@@ -176,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-band", dest="band", action="store_const", const=(),
                    help="every level runs --langevin-steps steps (drops the preset's band)")
     p.add_argument("--band-steps", type=positive_int, default=None, help="steps per level inside the band")
+    p.add_argument("--quench-steps", type=non_negative_int, default=None,
+                   help="noise-free steps at the lowest level after the chain (0: none)")
     p.add_argument("--prior", choices=PRIOR_KINDS, default=None,
                    help="latent prior: 'standard' N(0, T^2 I) or 'gmm' (the run's fitted prior.npz)")
     p.add_argument("--final-denoise", dest="final_denoise", action="store_true", default=None,
@@ -225,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 checkpoint=args.checkpoint, weights=args.weights, overwrite=args.overwrite, num_levels=args.levels,
                 steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
                 prior=args.prior, band=None if args.band is None else tuple(args.band), band_steps=args.band_steps,
-                final_denoise=args.final_denoise, decode=args.decode, decode_temperature=args.decode_temperature,
+                quench_steps=args.quench_steps, final_denoise=args.final_denoise, decode=args.decode, decode_temperature=args.decode_temperature,
             )
             print(json.dumps(summary, indent=1))
         elif args.command == "fit-prior":

@@ -55,6 +55,7 @@ def test_train_carbon_reports_missing_data(tmp_path, monkeypatch, capsys):
     (["--band", "0", "0.1"], "above 0"),
     (["--band", "0.1"], "expected 2 arguments"),
     (["--band-steps", "0"], "must be at least 1"),
+    (["--quench-steps", "-1"], "must be at least 0"),
 ])
 def test_out_of_range_sampling_arguments_are_refused_by_the_parser(tmp_path, capsys, args, message):
     base = ["sample", "--workdir", str(tmp_path), "--num", "4", "--out", str(tmp_path / "out")]
