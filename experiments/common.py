@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
-from symat_jax import cli
-from symat_jax.data import registry
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from symat_jax import cli, configs, geometry, input_pipeline, latents, run
+from symat_jax.data import CrystalDataset, load_split, registry
 
 
 def train_main(dataset: str, argv: Sequence[str] | None, doc: str | None) -> int:
@@ -24,3 +28,30 @@ def train_main(dataset: str, argv: Sequence[str] | None, doc: str | None) -> int
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+class TestCrystals(NamedTuple):
+    """A trained run (sampled as the `default` preset samples it) and real test crystals in its dense layout."""
+
+    loaded: run.LoadedRun
+    test: CrystalDataset
+    z_pos: jax.Array  # [b, latent_pos] each crystal's own posterior mean
+    lattice: jax.Array  # [b, 3, 3]
+    frac: jax.Array  # [b, n, 3]
+    mask: jax.Array  # [b, n]
+    types: jax.Array  # [b, n]
+
+
+def load_test_crystals(workdir: str, data_root: str | None, num: int, max_atoms: int) -> TestCrystals:
+    """Return the run's `default` weights and its first ``num`` test crystals with at most ``max_atoms`` atoms."""
+    loaded = run.load_run(workdir, configs.sampler_checkpoint("default"), configs.sampler_weights("default"))
+    config, statics, params, _ = loaded
+    m = config.model
+    test = load_split(config.dataset, "test", data_root, progress=False)
+    test = test.subset(np.flatnonzero(test.num_atoms <= max_atoms)[:num])
+    z = latents.encode_means(params, config, statics, test)
+    dense = input_pipeline.dense_batch(test, np.arange(len(test)), max_atoms)
+    lattice = geometry.lattice_matrix(jnp.asarray(dense["lengths"]), jnp.asarray(dense["angles"]))
+    return TestCrystals(loaded, test, jnp.asarray(z[:, m.latent_comp : m.latent_comp + m.latent_pos]), lattice,
+                        jnp.asarray(dense["frac_coords"]), jnp.asarray(dense["atom_mask"]),
+                        jnp.asarray(dense["atomic_numbers"]))

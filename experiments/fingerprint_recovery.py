@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from symat_jax import configs, geometry, input_pipeline, latents, metrics, run, sampling, score
+from experiments import common
+from symat_jax import configs, geometry, metrics, sampling, score
 from symat_jax.crystal_sets import CrystalSet
-from symat_jax.data import load_split
 
 Array = jax.Array
 
@@ -66,20 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="append each row to this JSON-lines file")
     args = p.parse_args(argv)
 
-    config, statics, params, meta = run.load_run(args.workdir, configs.sampler_checkpoint("default"),
-                                                 configs.sampler_weights("default"))
+    data = common.load_test_crystals(args.workdir, args.data_root, args.num, args.max_atoms)
+    config, statics, params, meta = data.loaded
     m = config.model
-    test = load_split(config.dataset, "test", args.data_root, progress=False)
-    test = test.subset(np.flatnonzero(test.num_atoms <= args.max_atoms)[: args.num])
+    lattice, mask, types, z_pos, test = data.lattice, data.mask, data.types, data.z_pos, data.test
     real = CrystalSet.from_dataset(test)
     reference = metrics.score_crystals(real, progress=False)
-    z = latents.encode_means(params, config, statics, test)
-    z_pos = jnp.asarray(z[:, m.latent_comp : m.latent_comp + m.latent_pos])
-    dense = input_pipeline.dense_batch(test, np.arange(len(test)), args.max_atoms)
-    lattice = geometry.lattice_matrix(jnp.asarray(dense["lengths"]), jnp.asarray(dense["angles"]))
-    mask = jnp.asarray(dense["atom_mask"])
-    types = jnp.asarray(dense["atomic_numbers"])
-    clean = geometry.frac_to_cart(jnp.asarray(dense["frac_coords"]), lattice)
+    clean = geometry.frac_to_cart(data.frac, lattice)
     sigmas = score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max)
     images = tuple(int(i) for i in np.maximum(np.asarray(statics.max_images), 3))
 

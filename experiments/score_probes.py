@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from symat_jax import configs, geometry, input_pipeline, latents, run, score
-from symat_jax.data import load_split
+from experiments import common
+from symat_jax import geometry, score
 from symat_jax.model import SyMat, per_atom_scores, score_graphs
 
 Array = jax.Array
@@ -55,17 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=96)
     p.add_argument("--max-atoms", type=int, default=12)
     args = p.parse_args(argv)
-    config, statics, params, _ = run.load_run(args.workdir, configs.sampler_checkpoint("default"),
-                                              configs.sampler_weights("default"))
+    data = common.load_test_crystals(args.workdir, args.data_root, args.num, args.max_atoms)
+    config, statics, params, _ = data.loaded
     m = config.model
-    test = load_split(config.dataset, "test", args.data_root, progress=False)
-    test = test.subset(np.flatnonzero(test.num_atoms <= args.max_atoms)[: args.num])
-    z = latents.encode_means(params, config, statics, test)
-    z_pos = jnp.asarray(z[:, m.latent_comp : m.latent_comp + m.latent_pos])
-    dense = input_pipeline.dense_batch(test, np.arange(len(test)), args.max_atoms)
-    lattice = geometry.lattice_matrix(jnp.asarray(dense["lengths"]), jnp.asarray(dense["angles"]))
-    frac, mask = jnp.asarray(dense["frac_coords"]), jnp.asarray(dense["atom_mask"])
-    types = jnp.asarray(dense["atomic_numbers"])
+    lattice, frac, mask, types, z_pos = data.lattice, data.frac, data.mask, data.types, data.z_pos
     sigmas = score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max)
     graph_config = score.ScoreGraphConfig(m.score_cutoff, m.score_neighbors, (3, 3, 3))
 
