@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from typing import Any, Sequence
@@ -37,11 +38,14 @@ def override(text: str) -> dict[str, Any]:
     if text == "default":
         return {}
     out: dict[str, Any] = {}
-    for item in text.split(","):
+    for item in re.split(r",(?![^\[]*\])", text):  # commas inside [..] belong to a list value
         key, _, value = item.partition("=")
-        if key not in configs.SamplerConfig.__dataclass_fields__ or not value:
-            raise argparse.ArgumentTypeError(f"a variant is default or KEY=VALUE of SamplerConfig, got {item!r}")
-        parsed = None if value == "none" else json.loads(value.lower() if value in ("True", "False") else value)
+        try:
+            if key not in configs.SamplerConfig.__dataclass_fields__ or not value:
+                raise ValueError(item)
+            parsed = None if value == "none" else json.loads(value.lower() if value in ("True", "False") else value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a variant is default or KEY=VALUE of SamplerConfig, got {item!r}") from None
         out[key] = tuple(parsed) if isinstance(parsed, list) else parsed
     return out
 

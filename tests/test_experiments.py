@@ -61,3 +61,18 @@ def test_step_sweep_reports_local_structure_per_setting(full_run, tmp_path, caps
     assert capsys.readouterr().out.count("3-4-fold") == 2
     with pytest.raises(argparse.ArgumentTypeError, match="LEVELSxSTEPS"):
         step_sweep.schedule("25-10")
+    assert step_sweep.restart("2:0.3") == (2, 0.3) and step_sweep.restart("none") == (0, 0.3)
+    with pytest.raises(argparse.ArgumentTypeError, match="COUNT:SIGMA"):
+        step_sweep.restart("2")
+
+
+def test_fingerprint_recovery_variants_parse_into_sampler_overrides():
+    import argparse
+
+    from experiments.fingerprint_recovery import override
+
+    assert override("default") == {}
+    assert override("band=none,quench_steps=100") == {"band": None, "quench_steps": 100}
+    assert override("band=[0.01,0.1],final_denoise=False") == {"band": (0.01, 0.1), "final_denoise": False}
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        override("no_such_field=1")
