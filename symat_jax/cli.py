@@ -235,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 checkpoint=args.checkpoint, weights=args.weights, overwrite=args.overwrite, num_levels=args.levels,
                 steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
                 prior=args.prior, band=None if args.band is None else tuple(args.band), band_steps=args.band_steps,
-                quench_steps=args.quench_steps, final_denoise=args.final_denoise, decode=args.decode, decode_temperature=args.decode_temperature,
+                quench_steps=args.quench_steps, final_denoise=args.final_denoise, decode=args.decode,
+                decode_temperature=args.decode_temperature,
             )
             print(json.dumps(summary, indent=1))
         elif args.command == "fit-prior":
