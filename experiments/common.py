@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import sys
 from typing import NamedTuple, Sequence
 
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from symat_jax import cli, configs, geometry, input_pipeline, latents, run
+from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import CrystalDataset, load_split, registry
 
 
@@ -55,3 +58,18 @@ def load_test_crystals(workdir: str, data_root: str | None, num: int, max_atoms:
     return TestCrystals(loaded, test, jnp.asarray(z[:, m.latent_comp : m.latent_comp + m.latent_pos]), lattice,
                         jnp.asarray(dense["frac_coords"]), jnp.asarray(dense["atom_mask"]),
                         jnp.asarray(dense["atomic_numbers"]))
+
+
+def dense_crystal_set(types: np.ndarray, mask: np.ndarray, lengths: np.ndarray, angles: np.ndarray,
+                      frac: np.ndarray) -> CrystalSet:
+    """Return padded crystals (``types``/``mask [b, n]``, ``frac [b, n, 3]``) as a CrystalSet of their real atoms."""
+    types, mask = np.asarray(types), np.asarray(mask)
+    return CrystalSet(mask.sum(1).astype(np.int64), types[mask].astype(np.int64), np.asarray(frac)[mask].astype(float),
+                      np.asarray(lengths, float), np.asarray(angles, float))
+
+
+def append_jsonl(path: str | pathlib.Path | None, row: dict) -> None:
+    """Append ``row`` as one JSON line to ``path`` (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")

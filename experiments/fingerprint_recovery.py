@@ -81,8 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = tuple(int(i) for i in np.maximum(np.asarray(statics.max_images), 3))
 
     def as_set(frac: Array) -> CrystalSet:
-        return CrystalSet(real.num_atoms, real.atom_types, np.asarray(frac)[np.asarray(mask)].astype(float),
-                          real.lengths, real.angles)
+        return common.dense_crystal_set(types, mask, real.lengths, real.angles, frac)
 
     default = configs.get_sampler_config(config.dataset, "default")
     spacing = (m.num_levels - 1) / max(default.num_levels - 1, 1)  # the preset's levels are this far apart
@@ -108,9 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"start sigma {row['sigma']:.3f} A, {variant or 'default'}: fingerprint distance median "
                   f"{row['start_median']:.3f} -> {row['end_median']:.3f}, within 0.2: {100 * row['start_within_0.2']:.0f}% -> "
                   f"{100 * row['end_within_0.2']:.0f}% ({row['seconds']} s)", flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            common.append_jsonl(args.out, row)
     return 0
 
 

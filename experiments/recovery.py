@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import common
 from symat_jax import configs, geometry, input_pipeline, latents, run, sampling, score
 from symat_jax.coordination import local_structure
 from symat_jax.crystal_sets import CrystalSet
@@ -33,13 +34,6 @@ from symat_jax.data import load_split
 from symat_jax.model import coordinate_scores
 
 log = logging.getLogger("recovery")
-
-
-def _frac_set(types: np.ndarray, mask: np.ndarray, lengths: np.ndarray, angles: np.ndarray, frac: np.ndarray) -> CrystalSet:
-    """Return dense crystals as a CrystalSet."""
-    n = mask.sum(1)
-    return CrystalSet(n.astype(np.int64), types[mask].astype(np.int64), frac[mask].astype(float), lengths.astype(float),
-                      angles.astype(float))
 
 
 def score_accuracy(params: Any, config: configs.TrainConfig, statics: run.RunStatics, dense: dict[str, np.ndarray],
@@ -123,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         eps = jax.random.normal(jax.random.fold_in(key, 100 + level), clean.shape)
         noisy = jax.vmap(score.perturb)(clean, lattice, mask, jnp.full(mask.shape[:1], sigmas[level], jnp.float32), eps)
         start_frac = np.asarray(jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(noisy, lattice), mask))
-        start_stats = local_structure(_frac_set(dense["atomic_numbers"], dense["atom_mask"], dense["lengths"],
+        start_stats = local_structure(common.dense_crystal_set(dense["atomic_numbers"], dense["atom_mask"], dense["lengths"],
                                                 dense["angles"], start_frac))
         rows.append({"start_level": level, "variant": "perturbed start", "sigma": float(sigmas[level]),
                      **{k: v for k, v in start_stats.items() if k != "nn_distances"}})
@@ -142,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 frac, _ = jax.jit(lambda k, x0: sampling.langevin(params, k, types, mask, lattice, jnp.asarray(z_pos),
                                                                   statics=statics, model=config.model, cfg=cfg, x0=x0))(
                     jax.random.fold_in(key, 200 + level), noisy)
-                stats = local_structure(_frac_set(dense["atomic_numbers"], dense["atom_mask"], dense["lengths"],
+                stats = local_structure(common.dense_crystal_set(dense["atomic_numbers"], dense["atom_mask"], dense["lengths"],
                                                   dense["angles"], np.asarray(frac)))
                 row = {"start_level": level, "variant": name + (f", denoise x{scale:g}" if scale else ""),
                        "sigma": float(sigmas[level]), "seconds": round(time.perf_counter() - t0, 1),

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from typing import Any, Sequence
 
 import jax
 
+from experiments import common
 from symat_jax import configs, run, sampling
 from symat_jax.coordination import local_structure
 from symat_jax.crystal_sets import CrystalSet
@@ -45,10 +45,14 @@ def band(text: str) -> tuple[float, float, int] | None:
         raise argparse.ArgumentTypeError(f"a band is LOW:HIGH:STEPS (sigma in A), e.g. 0.1:1:100, or none; got {text!r}") from None
 
 
+# No restart, at the sampler's own restart_sigma.
+NO_RESTART = (0, configs.SamplerConfig.restart_sigma)
+
+
 def restart(text: str) -> tuple[int, float]:
-    """Return ``(restarts, sigma)`` of ``COUNT:SIGMA``, or ``(0, 0.3)`` for ``none`` (argparse type)."""
+    """Return ``(restarts, sigma)`` of ``COUNT:SIGMA``, or :data:`NO_RESTART` for ``none`` (argparse type)."""
     if text.lower() == "none":
-        return 0, 0.3
+        return NO_RESTART
     try:
         count, sigma = text.split(":")
         return int(count), float(sigma)
@@ -58,7 +62,7 @@ def restart(text: str) -> tuple[int, float]:
 
 def probe(loaded: run.LoadedRun, prior: MixturePrior, fraction: float, levels: int, steps: int, num: int, seed: int,
           batch_size: int, level_band: tuple[float, float, int] | None = None,
-          restarts: tuple[int, float] = (0, 0.3)) -> dict[str, Any]:
+          restarts: tuple[int, float] = NO_RESTART) -> dict[str, Any]:
     """Return the local structure of ``num`` crystals sampled with the `default` preset at one setting."""
     config, statics, params, meta = loaded
     extra = dict(band=None) if level_band is None else dict(band=level_band[:2], band_steps=level_band[2])
@@ -84,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bands", type=band, nargs="+", default=[None],
                    help="LOW:HIGH:STEPS: levels with sigma in [LOW, HIGH] A run STEPS steps; none (default): every level runs "
                         "the schedule's steps (the `default` preset's band is 0.03:0.1:1000)")
-    p.add_argument("--restarts", type=restart, nargs="+", default=[(0, 0.3)],
+    p.add_argument("--restarts", type=restart, nargs="+", default=[NO_RESTART],
                    help="COUNT:SIGMA: after the chain, noise back to SIGMA A and anneal again, COUNT times; none (default)")
     p.add_argument("--weights", nargs="+", choices=("raw", "ema"), default=["ema"])
     p.add_argument("--seed", type=int, default=0)
@@ -101,9 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{weights} {row['schedule']} f={fraction} band={level_band} restarts={rs}: 3-4-fold {100 * row['share_3_or_4']:.1f}%, "
                       f"isolated {100 * row['share_isolated']:.1f}%, nearest neighbour 5/50/95% "
                       f"{q[0]:.2f}/{q[2]:.2f}/{q[4]:.2f} A ({row['seconds']} s)", flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                common.append_jsonl(args.out, row)
     return 0
 
 

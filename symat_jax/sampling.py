@@ -277,7 +277,8 @@ def langevin(
         return x, overflow | ovf
 
     steps = level_steps(model, cfg, levels)
-    jitted = jax.jit(_langevin_step, static_argnames=tuple(settings) + (("temp",) if _constant_noise(cfg) else ()))
+    jitted = (jax.jit(_langevin_step, static_argnames=tuple(settings) + (("temp",) if _constant_noise(cfg) else ()))
+              if python_loop else None)
 
     def level(c, xs):
         alpha, norm, temp, lkey, n = xs
