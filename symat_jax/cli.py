@@ -184,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-band", dest="band", action="store_const", const=(),
                    help="every level runs --langevin-steps steps (drops the preset's band)")
     p.add_argument("--band-steps", type=positive_int, default=None, help="steps per level inside the band")
+    p.add_argument("--band-temp", type=positive_float, default=None,
+                   help="noise scale on the band's levels relative to the schedule's (default 1)")
     p.add_argument("--quench-steps", type=non_negative_int, default=None,
                    help="noise-free steps at the lowest level after the chain (0: none)")
     p.add_argument("--prior", choices=PRIOR_KINDS, default=None,
@@ -194,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decode", choices=("argmax", "sample"), default=None)
     p.add_argument("--decode-temperature", type=positive_float, default=None)
+    p.add_argument("--fit-counts", dest="fit_counts", action="store_true", default=None,
+                   help="decode the most likely atom counts that fit max_atoms (the default preset does)")
+    p.add_argument("--no-fit-counts", dest="fit_counts", action="store_false",
+                   help="decode each count's argmax: cells past max_atoms are rejected (the paper setting)")
     p.add_argument("--checkpoint", type=checkpoint_choice, default=None,
                    help="best, latest or a kept epoch's number (default: the preset's choice)")
     p.add_argument("--weights", choices=("raw", "ema"), default=None,
@@ -235,8 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 checkpoint=args.checkpoint, weights=args.weights, overwrite=args.overwrite, num_levels=args.levels,
                 steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
                 prior=args.prior, band=None if args.band is None else tuple(args.band), band_steps=args.band_steps,
-                quench_steps=args.quench_steps, final_denoise=args.final_denoise, decode=args.decode,
-                decode_temperature=args.decode_temperature,
+                band_temp=args.band_temp, quench_steps=args.quench_steps, final_denoise=args.final_denoise,
+                decode=args.decode, decode_temperature=args.decode_temperature, fit_counts=args.fit_counts,
             )
             print(json.dumps(summary, indent=1))
         elif args.command == "fit-prior":

@@ -170,6 +170,9 @@ class SamplerConfig:
     temp_coord: float = 0.01
     decode: str = "argmax"  # or "sample": draw k and counts from the predicted distributions
     decode_temperature: float = 1.0
+    # Decode the most likely counts whose total fits max_atoms (model.fit_counts) instead of each count's argmax,
+    # whose sum can pass the padding and get the cell rejected.
+    fit_counts: bool = False
     # Beyond the paper (defaults: off, so the paper setting is SPEC 4 exactly).
     prior: str = "standard"  # or "gmm": latents from the mixture fitted to the training latents (run's prior.npz)
     prior_temperature: float = 1.0  # spread of each mixture component (gmm only)
@@ -186,6 +189,8 @@ class SamplerConfig:
     # chain's time goes where bonds form (sampling.level_steps). None or () = no band.
     band: tuple[float, float] | None = None
     band_steps: int = 100
+    # Noise scale on the band's levels relative to the schedule's (< 1: the long band sampling drifts less).
+    band_temp: float = 1.0
     # Restart sampling (Xu et al., NeurIPS 2023): after the chain, add noise back up to the schedule's level
     # nearest restart_sigma (A) and run the chain's levels from there down again, `restarts` times.
     restarts: int = 0
@@ -224,7 +229,7 @@ def get_sampler_config(dataset: str, preset: str = "paper", **overrides: Any) ->
 # 3-4-fold atoms from 58% to 74% (x 300) and 84% (x 1,000); above 0.1 A they bought 1-2 points.
 DEFAULT_SAMPLER: dict[str, Any] = dict(prior="gmm", step_schedule="norm", step_fraction=0.05, noise_schedule="sigma",
                                        temp_coord=1.0, final_denoise=True, denoise_scale=0.35, num_levels=25,
-                                       steps_per_level=10, band=(0.03, 0.1), band_steps=1000)
+                                       steps_per_level=10, band=(0.03, 0.1), band_steps=1000, fit_counts=True)
 
 
 def sampler_checkpoint(preset: str) -> str:

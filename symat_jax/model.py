@@ -191,6 +191,40 @@ class Composition(NamedTuple):
 DECODE_MODES = ("argmax", "sample")
 
 
+def fit_counts(count_logits: Array, active: Array, max_total: int) -> Array:
+    """Return ``[b, m]`` the counts (1.. on active elements, 0 elsewhere) of highest summed log-probability whose total is at most ``max_total``.
+
+    ``count_logits [b, m, c]`` score counts 1..c of each element, ``active [b, m]``
+    marks the decoded elements (``sum(active) <= max_total``, so a solution
+    exists). Dynamic programming over the elements on the running total: exact,
+    static shapes, ``O(m c max_total)``. Without the limit the counts are
+    decoded element by element and can sum past the padding, which rejects the cell.
+    """
+    logp = jax.nn.log_softmax(count_logits, axis=-1)
+    b, m, c = logp.shape
+    width = max_total + 1
+    # gain[b, m, k]: log-probability of count k (0..max_total) for each element; k = 0 is the only choice
+    # of an inactive element and impossible for an active one.
+    pad = jnp.full((b, m, max(0, width - 1 - c)), -jnp.inf)
+    gain = jnp.concatenate([jnp.zeros((b, m, 1)), logp[..., : width - 1], pad], axis=-1)
+    gain = jnp.where(active[..., None], gain.at[..., 0].set(-jnp.inf), jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf))
+    prev = jnp.arange(width)[:, None] - jnp.arange(width)[None, :]  # [total, count] -> total before this element
+
+    def add_element(best, g):
+        cand = jnp.where(prev >= 0, best[:, jnp.maximum(prev, 0)] + g[:, None, :], -jnp.inf)  # [b, total, count]
+        return cand.max(-1), cand.argmax(-1)
+
+    best0 = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)[None].repeat(b, 0)
+    best, choice = jax.lax.scan(add_element, best0, jnp.moveaxis(gain, 1, 0))  # choice [m, b, total]
+
+    def take_back(total, ch):
+        k = jnp.take_along_axis(ch, total[:, None], axis=-1)[:, 0]
+        return total - k, k
+
+    _, counts = jax.lax.scan(take_back, jnp.argmax(best, axis=-1), choice, reverse=True)
+    return counts.T.astype(jnp.int32)
+
+
 def decode_composition(
     params: Any,
     model: ModelConfig,
@@ -199,12 +233,15 @@ def decode_composition(
     key: Array | None = None,
     mode: str = "argmax",
     temperature: float = 1.0,
+    max_total: int | None = None,
 ) -> Composition:
     """Return the composition of ``z_comp [b, latent_comp]``: argmax k, top-k elements, argmax counts (SPEC 4).
 
     The one composition decoder: the training metrics and the sampler call it.
     ``mode="sample"`` draws k and the counts from the predicted categorical
     distributions at ``temperature`` and the elements by Gumbel-top-k (needs ``key``).
+    ``max_total``: the counts are the most likely ones (after the Gumbel
+    perturbation when sampling) whose total fits, by :func:`fit_counts`.
     """
     if mode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {mode!r}")
@@ -223,8 +260,11 @@ def decode_composition(
     top = jnp.argsort(-e_logits, axis=-1)[:, :m] + 1  # [b, m] atomic numbers, best first
     c_logits = apply(z_comp, top, method=SyMat.count_logits)  # [b, m, max_atoms]
     if mode == "sample":
-        counts = jax.random.categorical(kc, c_logits / temperature) + 1
+        # Gumbel-max: the argmax below is then a draw from the categorical at this temperature.
+        c_logits = c_logits / temperature + jax.random.gumbel(kc, c_logits.shape)
+    active = jnp.arange(m)[None] < k[:, None]
+    if max_total is None:
+        counts = jnp.where(active, jnp.argmax(c_logits, axis=-1) + 1, 0)
     else:
-        counts = jnp.argmax(c_logits, axis=-1) + 1
-    counts = jnp.where(jnp.arange(m)[None] < k[:, None], counts, 0)
+        counts = fit_counts(c_logits, active & (jnp.arange(m)[None] < max_total), max_total)
     return Composition(k, top, counts)

@@ -82,7 +82,8 @@ def decode_crystals(
     params: Any, z: Latents, key: Array, *, model: ModelConfig, cfg: SamplerConfig, statics: RunStatics
 ) -> Decoded:
     """Return compositions (argmax or sampled k, top-k elements, counts) and lattices of latents (jittable)."""
-    comp = decode_composition(params, model, z.z_comp, key=key, mode=cfg.decode, temperature=cfg.decode_temperature)
+    comp = decode_composition(params, model, z.z_comp, key=key, mode=cfg.decode, temperature=cfg.decode_temperature,
+                              max_total=model.max_atoms if cfg.fit_counts else None)
     m = comp.elements.shape[-1]
     num_atoms = jnp.sum(comp.counts, axis=-1)
     ends = jnp.cumsum(comp.counts, axis=-1)  # [b, m]
@@ -137,18 +138,25 @@ def restart_start(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray) ->
     return int(np.argmin(np.abs(np.log(sigmas / cfg.restart_sigma))))
 
 
+def band_levels(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray) -> np.ndarray:
+    """Return ``[L]`` whether each level of the schedule lies in ``cfg.band`` (all False without a band)."""
+    if not cfg.band:
+        return np.zeros(len(levels), bool)
+    lo, hi = cfg.band
+    if not 0 < lo <= hi or cfg.band_steps < 1:
+        raise ValueError(f"band must be 0 < low <= high sigma (A) with band_steps >= 1, got {cfg.band}, {cfg.band_steps}")
+    if not cfg.band_temp >= 0:
+        raise ValueError(f"band_temp must be >= 0, got {cfg.band_temp}")
+    sigmas = score.noise_levels(model.num_levels, model.sigma_min, model.sigma_max)[levels]
+    return (sigmas >= lo) & (sigmas <= hi)
+
+
 def level_steps(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray) -> np.ndarray:
     """Return ``[L]`` the number of Langevin steps at each level of the schedule (``cfg.band`` levels: ``band_steps``)."""
     if cfg.quench_steps < 0:
         raise ValueError(f"quench_steps must be >= 0, got {cfg.quench_steps}")
     steps = np.full(len(levels), cfg.steps_per_level, np.int32)
-    if not cfg.band:
-        return steps
-    lo, hi = cfg.band
-    if not 0 < lo <= hi or cfg.band_steps < 1:
-        raise ValueError(f"band must be 0 < low <= high sigma (A) with band_steps >= 1, got {cfg.band}, {cfg.band_steps}")
-    sigmas = score.noise_levels(model.num_levels, model.sigma_min, model.sigma_max)[levels]
-    return np.where((sigmas >= lo) & (sigmas <= hi), cfg.band_steps, steps).astype(np.int32)
+    return np.where(band_levels(model, cfg, levels), cfg.band_steps, steps).astype(np.int32)
 
 
 def _langevin_step(
@@ -182,7 +190,7 @@ def initial_positions(key: Array, lattice: Array, atom_mask: Array) -> Array:
 
 def _constant_noise(cfg: SamplerConfig) -> bool:
     """Return whether every level uses the same noise scale ``temp_coord`` (the paper setting)."""
-    return cfg.noise_schedule == "constant" and cfg.quiet_levels == 0
+    return cfg.noise_schedule == "constant" and cfg.quiet_levels == 0 and (not cfg.band or cfg.band_temp == 1.0)
 
 
 def _noise_scales(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray, score_norm: Sequence[float]) -> Array:
@@ -194,6 +202,7 @@ def _noise_scales(model: ModelConfig, cfg: SamplerConfig, levels: np.ndarray, sc
         temps = cfg.temp_coord * sigmas / np.asarray(score_norm, np.float64)[levels]
     else:
         raise ValueError(f"noise_schedule must be 'constant' or 'sigma', got {cfg.noise_schedule!r}")
+    temps = np.where(band_levels(model, cfg, levels), cfg.band_temp * temps, temps)
     quiet = np.arange(len(levels)) >= len(levels) - cfg.quiet_levels
     return jnp.asarray(np.where(quiet, 0.0, temps), jnp.float32)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from scipy.spatial.transform import Rotation
 
 from symat_jax import graphs, input_pipeline, score
 from symat_jax.configs import ModelConfig
-from symat_jax.model import SyMat, per_atom_scores
+from symat_jax.model import SyMat, fit_counts, per_atom_scores
 from symat_jax.networks import SphereNetConfig
 from symat_jax.neighbors import required_image_range
 
@@ -167,3 +168,22 @@ def test_padding_never_changes_a_real_crystal(params, crystals):
     alone_scores = scores(params, c, c.frac_coords @ c.lattice(), c.lattice(), z_pos[2:3])
     np.testing.assert_allclose(batched[2, : c.num_atoms], alone_scores, atol=1e-5)
     assert not np.any(np.asarray(batched)[~dense["atom_mask"]])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_counts_is_the_best_assignment_that_fits(seed):
+    rng = np.random.default_rng(seed)
+    b, m, c, total = 6, 3, 5, 7
+    logits = rng.normal(size=(b, m, c)) * 3
+    active = np.arange(m)[None] < rng.integers(1, m + 1, size=b)[:, None]
+    got = np.asarray(fit_counts(jnp.asarray(logits, jnp.float32), jnp.asarray(active), total))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    for i in range(b):
+        # Brute force over every count assignment of the active elements.
+        options = [range(1, c + 1) if active[i, j] else [0] for j in range(m)]
+        best = max((a for a in itertools.product(*options) if sum(a) <= total),
+                   key=lambda a: sum(logp[i, j, a[j] - 1] for j in range(m) if a[j]))
+        np.testing.assert_array_equal(got[i], best)
+    # A limit that every argmax fits changes nothing.
+    free = np.asarray(fit_counts(jnp.asarray(logits, jnp.float32), jnp.asarray(active), m * c))
+    np.testing.assert_array_equal(free, np.where(active, logits.argmax(-1) + 1, 0))

@@ -96,7 +96,7 @@ def test_compiled_chain_with_every_option_equals_the_python_loop(params, crystal
     types, mask, lat, z_pos, images = _inputs(crystals, [0, 3])
     cfg = dataclasses.replace(FEW, step_schedule="norm", step_fraction=1e-4, noise_schedule="sigma", temp_coord=1.0,
                               quiet_levels=1, final_denoise=True, denoise_scale=0.5, top_level=30,
-                              band=(0.05, 0.1), band_steps=7, restarts=1, restart_sigma=0.1, quench_steps=2)
+                              band=(0.05, 0.1), band_steps=7, band_temp=0.5, restarts=1, restart_sigma=0.1, quench_steps=2)
     # Levels 30, 15, 0 (sigma 0.69, 0.083, 0.01 A): the band gives the middle one 7 steps instead of 4, and the
     # restart noises back to level 15 (the nearest to 0.1 A) and runs levels 15 and 0 again.
     np.testing.assert_array_equal(sampling.level_steps(CONFIG, cfg, np.array([30, 15, 0])), [4, 7, 4])
@@ -139,7 +139,13 @@ def test_band_gives_its_levels_their_own_step_count_and_refuses_a_bad_band():
     np.testing.assert_allclose(score.noise_levels()[idx][sampling.level_steps(model, default, idx) == 1000],
                                [0.095, 0.072, 0.054, 0.041, 0.031], atol=1e-3)
     assert sampling.level_steps(model, default, idx).sum() == 20 * 10 + 5 * 1000
-    for bad in [dict(band=(1.0, 0.1)), dict(band=(0.0, 1.0)), dict(band=(0.1, 1.0), band_steps=0)]:
+    # band_temp scales the noise of the band's levels only.
+    norm = np.linspace(0.1, 5.0, 50)
+    cool = sampling._noise_scales(model, dataclasses.replace(cfg, band_temp=0.25), idx, norm)
+    warm = sampling._noise_scales(model, cfg, idx, norm)
+    np.testing.assert_allclose(cool, np.where(steps == 100, 0.25, 1.0) * warm, rtol=1e-6)
+    for bad in [dict(band=(1.0, 0.1)), dict(band=(0.0, 1.0)), dict(band=(0.1, 1.0), band_steps=0),
+                dict(band_temp=-1.0)]:
         with pytest.raises(ValueError, match="band"):
             sampling.level_steps(model, dataclasses.replace(cfg, **bad), idx)
 

@@ -122,6 +122,18 @@ def test_too_many_atoms_are_rejected_not_cut(params):  # noqa: F811
     assert all(r["num_atoms"] == 35 and "max_atoms=24" in r["reason"] for r in res.rejects)
 
 
+def test_fitted_counts_decode_cells_that_fit(params):  # noqa: F811
+    mean, std = np.array([1.6, 1.6, 1.6, 90.0, 90.0, 90.0]), np.array([0.05, 0.05, 0.05, 2.0, 2.0, 2.0])
+    res = sampling.sample(_biased(params, 5, 7), jax.random.PRNGKey(4), 3, statics=_statics(mean, std), model=CONFIG,
+                          cfg=dataclasses.replace(FEW, fit_counts=True), progress=False)
+    assert not res.rejects and len(res.atom_types) == 3
+    # Five elements whose counts' argmax is 7 (35 atoms, 24 fit): the best fit keeps all five elements, three of
+    # them at 7 (four would be 28) and the other two at 1-2 atoms between them.
+    for t in res.atom_types:
+        _, counts = np.unique(t, return_counts=True)
+        assert len(counts) == 5 and sorted(counts)[2:] == [7, 7, 7] and 23 <= len(t) <= CONFIG.max_atoms
+
+
 def test_written_cifs_parse_back_to_the_same_crystals(params, tmp_path):  # noqa: F811
     from symat_jax.generate_cli import write_samples
 

@@ -142,11 +142,13 @@ def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run,
     out = tmp_path / "samples"
     args = ["sample", "--workdir", str(workdir), "--num", "4", "--out", str(out), "--levels", "2",
             "--langevin-steps", "2", "--batch-size", "4"]
-    assert cli.main(args + ["--band", "0.01", "0.05", "--band-steps", "3", "--quench-steps", "2"]) == 0  # the default preset: the prior fitted at the end of training
+    assert cli.main(args + ["--band", "0.01", "0.05", "--band-steps", "3", "--band-temp", "0.5", "--quench-steps", "2",
+                           "--no-fit-counts"]) == 0  # the default preset: the prior fitted at the end of training
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "default" and summary["sampler"]["prior"] == "gmm"
     assert summary["sampler"]["band"] == [0.01, 0.05] and summary["sampler"]["band_steps"] == 3
-    assert summary["sampler"]["quench_steps"] == 2
+    assert summary["sampler"]["quench_steps"] == 2 and summary["sampler"]["band_temp"] == 0.5
+    assert summary["sampler"]["fit_counts"] is False  # the preset's True, overridden
     assert summary["num_written"] + summary["num_rejected"] == 4
     before = _folder_digest(out)
     assert cli.main(args + ["--seed", "1"]) == 2
