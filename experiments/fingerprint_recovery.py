@@ -68,12 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-atoms", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append each row to this JSON-lines file")
+    p.add_argument("--z-pos", choices=("own", "shuffled"), default="own",
+                   help="condition each crystal's chain on its own posterior z_pos or on another test crystal's "
+                        "(does the chain use the latent?)")
     args = p.parse_args(argv)
 
     data = common.load_test_crystals(args.workdir, args.data_root, args.num, args.max_atoms)
     config, statics, params, meta = data.loaded
     m = config.model
     lattice, mask, types, z_pos, test = data.lattice, data.mask, data.types, data.z_pos, data.test
+    if args.z_pos == "shuffled":
+        z_pos = jnp.roll(z_pos, 1, axis=0)
     real = CrystalSet.from_dataset(test)
     reference = metrics.score_crystals(real, progress=False)
     clean = geometry.frac_to_cart(data.frac, lattice)
@@ -99,12 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                               model=m, cfg=cfg, max_images=images, x0=x0))(
                 jax.random.fold_in(key, 1), noisy)
             d1 = fingerprint_distances(as_set(frac), reference)
-            row = {"start_level": level, "sigma": float(sigmas[level]), "variant": variant or "default",
+            row = {"start_level": level, "sigma": float(sigmas[level]), "variant": variant or "default", "z_pos": args.z_pos,
                    "crystals": len(test), "epoch": int(meta["epoch"]) + 1,
                    "start_median": float(np.nanmedian(d0)), "start_within_0.2": float(np.nanmean(d0 <= 0.2)),
                    "end_median": float(np.nanmedian(d1)), "end_within_0.2": float(np.nanmean(d1 <= 0.2)),
                    "seconds": round(time.perf_counter() - t0, 1)}
-            print(f"start sigma {row['sigma']:.3f} A, {variant or 'default'}: fingerprint distance median "
+            print(f"start sigma {row['sigma']:.3f} A, {variant or 'default'}, {args.z_pos} z_pos: fingerprint distance median "
                   f"{row['start_median']:.3f} -> {row['end_median']:.3f}, within 0.2: {100 * row['start_within_0.2']:.0f}% -> "
                   f"{100 * row['end_within_0.2']:.0f}% ({row['seconds']} s)", flush=True)
             common.append_jsonl(args.out, row)

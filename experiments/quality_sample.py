@@ -46,6 +46,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "default_25x10": ("default", "latest", dict(num_levels=25, steps_per_level=10, band=None)),
     "default_band300": ("default", "latest", dict(band_steps=300)),
     "default_quench100": ("default", "latest", dict(quench_steps=100)),
+    "default_bandtemp05": ("default", "latest", dict(band_temp=0.5)),
+    "default_bandtemp02": ("default", "latest", dict(band_temp=0.2)),
     "default_raw": ("default", "latest", dict(weights="raw")),
     "default_ema": ("default", "latest", dict(weights="ema")),
     "default_25x10_raw": ("default", "latest", dict(num_levels=25, steps_per_level=10, band=None, weights="raw")),

@@ -76,3 +76,20 @@ def test_fingerprint_recovery_variants_parse_into_sampler_overrides():
     assert override("band=[0.01,0.1],final_denoise=False") == {"band": (0.01, 0.1), "final_denoise": False}
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
         override("no_such_field=1")
+
+
+def test_composition_probe_counts_rejects_and_fitted_counts_remove_them(full_run, capsys):
+    from experiments import composition_probe
+    from symat_jax import configs, run
+
+    workdir, _ = full_run
+    loaded = run.load_run(workdir, configs.sampler_checkpoint("default"), configs.sampler_weights("default"))
+    prior = run.load_prior(workdir)
+    off = composition_probe.probe(loaded, prior, 32, 1.0, fit_counts=False)
+    on = composition_probe.probe(loaded, prior, 32, 1.0, fit_counts=True)
+    assert on["rejected"] == 0 and 0 <= off["rejected"] <= 32
+    assert 0 <= on["comp_valid_pct"] <= 100 and on["distinct"] >= 1
+    if off["rejected"] == 0:  # every argmax fitted: fitting changes nothing
+        assert on == {**off, "fit_counts": True}
+    assert composition_probe.main(["--workdir", str(workdir), "--num", "8", "--temperatures", "1.0"]) == 0
+    assert capsys.readouterr().out.count("composition validity") == 2
