@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
 from typing import Sequence
 
-from symat_jax.configs import DEFAULT_SAMPLER_PRESET, SAMPLER_PRESETS
+from symat_jax.configs import DEFAULT_SAMPLER_PRESET, SAMPLER_PRESETS, SCORE_CONDITIONS
 from symat_jax.data import registry
 from symat_jax.prior import PRIOR_KINDS
 
@@ -63,6 +64,9 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
                         help="learning rate: constant (SPEC 2) or a cosine decay to 1%% over the run")
     parser.add_argument("--ema-decay", type=ema_decay, default=None,
                         help="decay of the parameters' moving average the default sampler uses (0: none)")
+    parser.add_argument("--score-condition", choices=SCORE_CONDITIONS, default=None,
+                        help="where the score network sees z_pos: at the edge head only (SPEC 3, default) or also "
+                             "on every atom's embedding")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
 
 
@@ -76,6 +80,8 @@ def run_training(args: argparse.Namespace) -> dict:
     if overrides.get("focus_sigma") == "uniform":
         overrides["focus_sigma"] = None
     config = configs.get_config(args.dataset, args.preset, **overrides)
+    if args.score_condition is not None:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, score_condition=args.score_condition))
     t0 = time.perf_counter()
     record = train.train(config, args.workdir, data_root=args.data_root, resume=args.resume)
     print(f"trained {args.dataset} ({args.preset}) in {time.perf_counter() - t0:.1f} s; workdir {args.workdir}")

@@ -55,6 +55,14 @@ class ModelConfig:
     # latent means saturate in the first epoch and validation composition match reaches 56.5% at epoch 150,
     # against 87% at epoch 94 with flax's init, so flax's stays the default.
     embed_init: str = "flax"
+    # Where the score network sees z_pos: "head" = only at the edge score head, concatenated with the last edge
+    # feature (SPEC 3); "nodes" = also added (through a linear map) to every atom's embedding, so message passing
+    # is conditioned on it. Measured on Carbon-24 (BENCHMARKS.md, session 8): with "head" the chain recovers
+    # perturbed test crystals equally well from their own z_pos and from another crystal's: the latent is unused.
+    score_condition: str = "head"
+
+
+SCORE_CONDITIONS = ("head", "nodes")
 
 
 @dataclasses.dataclass(frozen=True)

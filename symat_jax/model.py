@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from symat_jax import graphs, score
-from symat_jax.configs import ModelConfig
+from symat_jax.configs import SCORE_CONDITIONS, ModelConfig
 from symat_jax.networks import MLP, NUM_ELEMENTS, SphereNet, unit_variance_uniform
 from symat_jax.neighbors import NeighborList
 
@@ -118,7 +118,10 @@ class SyMat(nn.Module):
 
     def edge_scores(self, g: graphs.EdgeGraph, z_pos: Array) -> Array:
         """Return one scalar ``s_e`` per edge ``[e]`` of a score graph; ``z_pos [b, latent_pos]`` per crystal."""
-        _, edge_feat = self.score_net(g, z_pos.shape[0])
+        if self.config.score_condition not in SCORE_CONDITIONS:
+            raise ValueError(f"score_condition must be one of {SCORE_CONDITIONS}, got {self.config.score_condition!r}")
+        cond = z_pos[g.node_graph] if self.config.score_condition == "nodes" else None
+        _, edge_feat = self.score_net(g, z_pos.shape[0], cond)
         z = z_pos[g.node_graph[g.receivers]]
         s = self.score_head(jnp.concatenate([edge_feat, z], axis=-1))[:, 0]
         return jnp.where(g.edge_mask, s, 0.0)

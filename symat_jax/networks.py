@@ -223,12 +223,17 @@ class SphereNet(nn.Module):
     embed: nn.Module
 
     @nn.compact
-    def __call__(self, g: EdgeGraph, num_graphs: int) -> tuple[Array, Array]:
-        """Return ``(graph embedding [num_graphs, out_channels], the last interaction's radially gated edge features e2 [e, hidden])``."""
+    def __call__(self, g: EdgeGraph, num_graphs: int, node_cond: Array | None = None) -> tuple[Array, Array]:
+        """Return ``(graph embedding [num_graphs, out_channels], the last interaction's radially gated edge features e2 [e, hidden])``.
+
+        ``node_cond [n, d]`` (optional) is mapped linearly onto each atom's embedding (a conditioned network).
+        """
         c = self.config
         t = triplets(g)
         rbf, sbf, tbf = edge_bases(g, t, c)
         node_emb = self.embed(g.atomic_numbers)
+        if node_cond is not None:
+            node_emb = node_emb + nn.Dense(c.hidden, name="condition")(node_cond)
         e1, e2 = InitEdges(c.hidden, name="init")(node_emb, rbf, g)
         u = jnp.zeros((num_graphs, c.out_channels), e1.dtype)
         if c.graph_output:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -55,12 +56,17 @@ def edge_graph(z, pos, lattice, edge_index, offsets, max_degree=16):
 
 @pytest.fixture(scope="module")
 def params(crystals):
+    return init_params(crystals, MODEL)
+
+
+def init_params(crystals, model):
+    """Return parameters of ``model`` with its zero-initialised output layers randomised."""
     c = crystals.crystal(0)
     g = edge_graph(c.atomic_numbers, c.frac_coords @ c.lattice(), c.lattice(), c.edge_index, c.edge_offsets)
     pos, lat, mask, z = dense_one(c, 24)
     nl = jax.vmap(functools.partial(score.score_graph, config=score_config(lat)))(pos, lat, mask)
     sg, _ = graphs.score_edge_graph(nl, z, mask)
-    params = MODEL.init(jax.random.PRNGKey(0), g, jnp.zeros((1, 6)), 1, sg, 1)
+    params = model.init(jax.random.PRNGKey(0), g, jnp.zeros((1, 6)), 1, sg, 1)
     # Output layers start at zero (so the encoder starts at 0); randomise them
     # so that the invariance tests compare non-trivial outputs.
     leaves, tree = jax.tree_util.tree_flatten(params)
@@ -89,14 +95,14 @@ def encode(params, g):
     return np.asarray(MODEL.apply(params, g, jnp.zeros((1, 6)), 1, method=SyMat.encode).comp_mean[0])
 
 
-def scores(params, c, pos, lattice, z_pos, perm=None, n_max=24):
+def scores(params, c, pos, lattice, z_pos, perm=None, n_max=24, model=MODEL):
     z = c.atomic_numbers if perm is None else c.atomic_numbers[perm]
     cc = type(c)(atomic_numbers=z, frac_coords=c.frac_coords, lengths=c.lengths, angles=c.angles)
     p, lat, mask, zz = dense_one(cc, n_max, pos, lattice)
     nl = jax.vmap(functools.partial(score.score_graph, config=score_config(lat)))(p, lat, mask)
     assert not np.any(nl.overflow)
     sg, slots = graphs.score_edge_graph(nl, zz, mask, num_nodes=len(pos) + 2)
-    s = MODEL.apply(params, sg, z_pos, method=SyMat.edge_scores)
+    s = model.apply(params, sg, z_pos, method=SyMat.edge_scores)
     return np.asarray(per_atom_scores(s, slots, nl)[0, : len(pos)])
 
 
@@ -141,6 +147,25 @@ def test_per_atom_score_is_equivariant(params, crystals, index):
     np.testing.assert_allclose(scores(params, c, img, L, z_pos), base, atol=2e-4)
     perm = rng.permutation(len(pos))
     np.testing.assert_allclose(scores(params, c, pos[perm], L, z_pos, perm=perm), base[perm], atol=2e-4)
+
+
+@pytest.mark.parametrize("condition", ["head", "nodes"])
+def test_score_condition_decides_where_z_pos_enters(crystals, condition):
+    model = SyMat(dataclasses.replace(CONFIG, score_condition=condition))
+    p = init_params(crystals, model)
+    c = crystals.crystal(1)
+    L = c.lattice()
+    pos = (c.frac_coords + 0.05 * np.random.default_rng(0).normal(size=c.frac_coords.shape)) @ L
+    z1, z2 = (jax.random.normal(jax.random.PRNGKey(k), (1, CONFIG.latent_pos)) for k in (1, 2))
+    # Cut z_pos out of the score head: only a conditioned network still hears it.
+    head = p["params"]["score_head"]["Dense_0"]
+    cut = {**p, "params": {**p["params"], "score_head": {**p["params"]["score_head"], "Dense_0": {
+        **head, "kernel": head["kernel"].at[-CONFIG.latent_pos:].set(0.0)}}}}
+    a, b = (scores(cut, c, pos, L, z, model=model) for z in (z1, z2))
+    assert (np.abs(a - b).max() > 1e-4) == (condition == "nodes")
+    R = Rotation.random(random_state=3).as_matrix()  # still equivariant with the latent on the atoms
+    np.testing.assert_allclose(scores(p, c, pos @ R.T, L @ R.T, z1, model=model), scores(p, c, pos, L, z1, model=model) @ R.T,
+                               atol=2e-4)
 
 
 def test_padding_never_changes_a_real_crystal(params, crystals):
