@@ -27,6 +27,10 @@ def train_main(dataset: str, argv: Sequence[str] | None, doc: str | None) -> int
     cli.setup_logging()
     try:
         cli.run_training(args)
+    except KeyboardInterrupt:
+        print(f"interrupted; the last finished epoch is saved in {args.workdir}: rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
     except (registry.DatasetNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

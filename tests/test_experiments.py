@@ -93,3 +93,15 @@ def test_composition_probe_counts_rejects_and_fitted_counts_remove_them(full_run
         assert on == {**off, "fit_counts": True}
     assert composition_probe.main(["--workdir", str(workdir), "--num", "8", "--temperatures", "1.0"]) == 0
     assert capsys.readouterr().out.count("composition validity") == 2
+
+
+def test_interrupted_training_says_how_to_resume(monkeypatch, tmp_path, capsys):
+    from experiments import common
+    from symat_jax import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_training", interrupted)
+    assert common.train_main("carbon_24", ["--workdir", str(tmp_path / "run")], None) == 130
+    assert "--resume" in capsys.readouterr().err
