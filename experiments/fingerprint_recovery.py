@@ -10,7 +10,10 @@ crystals past 0.2). This check takes test crystals (their own posterior
 that level down (with each variant's overrides; the preset's level spacing is
 kept) and reports the fingerprint distance to the crystal it started from,
 before and after the chain. A chain that cannot bring a perturbed real crystal
-back within 0.2 cannot reach COV-P from noise either. Writes JSON lines to ``--out``.
+back within 0.2 cannot reach COV-P from noise either. ``--z-pos shuffled``
+conditions each chain on the next test crystal's latent instead of its own:
+equal recovery means the score network does not use the latent (BENCHMARKS.md,
+session 8). Writes JSON lines to ``--out``.
 """
 
 from __future__ import annotations
