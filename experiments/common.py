@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from symat_jax import cli, configs, geometry, input_pipeline, latents, run
+from symat_jax import cli, configs, geometry, input_pipeline, latents, loop, run
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import CrystalDataset, load_split, registry
 
@@ -34,6 +34,9 @@ def train_main(dataset: str, argv: Sequence[str] | None, doc: str | None) -> int
     except (registry.DatasetNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except loop.TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -276,7 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001  (the one error boundary of the command line)
         if args.debug:
             raise
-        expected = isinstance(err, (ValueError, OSError))  # includes FileNotFoundError, DatasetNotFoundError
+        from symat_jax.loop import TrainingDiverged
+
+        # ValueError and OSError include FileNotFoundError and DatasetNotFoundError.
+        expected = isinstance(err, (ValueError, OSError, TrainingDiverged))
         kind = "" if expected else f"unexpected {type(err).__name__}: "
         hint = "" if expected else " (rerun with --debug for the traceback)"
         print(f"symat {args.command}: error: {kind}{err}{hint}", file=sys.stderr)

@@ -220,6 +220,13 @@ def learning_rate(config: TrainConfig, total_steps: int) -> float | optax.Schedu
     raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
 
 
+def divergence_guard(config: TrainConfig) -> loop.DivergenceGuard | None:
+    """Return the run's divergence guard (None when ``config.divergence_factor`` is None)."""
+    if config.divergence_factor is None:
+        return None
+    return loop.DivergenceGuard(factor=config.divergence_factor, retries=config.divergence_retries)
+
+
 def get_trainer(config: TrainConfig, statics: RunStatics, steps_per_epoch: int = 1) -> Trainer:
     """Return the (cached) trainer of a config, so a resumed run in this process reuses compiled steps."""
     if config.lr_schedule == "constant":
@@ -293,8 +300,11 @@ def train(
     if resume and config_path.exists():
         stored = run.read_config(workdir)
         if stored != config:
-            # Only the schedule (e.g. more epochs) and the EMA decay (it does not change training) may change.
-            if dataclasses.replace(stored, epochs=config.epochs, ema_decay=config.ema_decay) != config:
+            # Only the schedule (e.g. more epochs), the EMA decay (it does not change training) and the divergence
+            # guard (it changes nothing in a healthy run) may change.
+            free = dict(epochs=config.epochs, ema_decay=config.ema_decay, divergence_factor=config.divergence_factor,
+                        divergence_retries=config.divergence_retries)
+            if dataclasses.replace(stored, **free) != config:
                 raise ValueError(f"{config_path} differs from the requested config; resume with the same settings")
     if resume and not run.holds_run(workdir):
         log.warning("%s holds no checkpoint to resume; starting a new run there", workdir)
@@ -353,6 +363,7 @@ def train(
         steps_per_epoch=steps_per_epoch,
         batches=lambda order: trainer.batches(train_data, order, budgets), train_step=trainer.train_step,
         end_epoch=end_epoch, best_key="best_val_loss", desc="epoch", progress=progress,
+        guard=divergence_guard(config),
     )
     # The trained run is complete without it: a failed fit leaves every checkpoint in place.
     try:
