@@ -90,17 +90,26 @@ def _history(metrics_path, guard_metric: Callable[[dict[str, Any]], float]) -> l
     return out
 
 
-def weighted_means(rows: list[dict[str, Any]], weights: list[int], sums: tuple[str, ...] = ()) -> dict[str, float]:
+def weighted_means(rows: list[dict[str, Any]], weights: list[int], sums: tuple[str, ...] = (),
+                   skipped: str | None = None) -> dict[str, float]:
     """Return per-metric means of step metrics weighted by ``weights`` (plain sums for the names in ``sums``).
 
-    The device values are fetched once, here.
+    Steps whose ``skipped`` metric is set did not update the state: they are
+    left out of the means (their loss is the non-finite one that had them
+    skipped), counted only in the sums. The device values are fetched once, here.
     """
     rows = jax.device_get(rows)
+    w = np.asarray(weights, float)
+    if skipped is not None:
+        w = np.where([bool(r[skipped]) for r in rows], 0.0, w)
     out: dict[str, float] = {}
-    total = max(sum(weights), 1)
+    total = w.sum()
     for name in rows[0]:
         vals = np.array([float(r[name]) for r in rows])
-        out[name] = float(vals.sum()) if name in sums else float(np.sum(vals * np.asarray(weights)) / total)
+        if name in sums:
+            out[name] = float(vals.sum())
+        else:
+            out[name] = float(np.sum(np.where(w > 0, vals, 0.0) * w) / total) if total > 0 else float("nan")
     return out
 
 

@@ -334,7 +334,7 @@ def train(
     start = start_run(workdir, config.keep_checkpoints, state, resume, "best_val_loss")
 
     def end_epoch(state: TrainState, rows: list, weights: list[int], t0: float):
-        train_metrics = loop.weighted_means(rows, weights, COUNTERS)
+        train_metrics = loop.weighted_means(rows, weights, COUNTERS, skipped="skipped")
         train_time = time.perf_counter() - t0
         if train_metrics["skipped"]:
             log.warning("%d steps had a non-finite loss or gradient; their updates were skipped, the state kept",
