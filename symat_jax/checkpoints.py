@@ -114,7 +114,7 @@ class RunCheckpoints:
         out = mngr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(partial), meta=ocp.args.JsonRestore())
         )
-        log.warning("checkpoint %d of %s predates the fields %s; they start from its parameters", step,
+        log.warning("checkpoint %d of %s predates the fields %s; they start fresh (an EMA at its parameters)", step,
                     mngr.directory, sorted(names - set(stored)))
         return target.restore_older(dict(out["state"])), dict(out["meta"])
 

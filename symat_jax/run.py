@@ -61,6 +61,9 @@ class TrainState:
     key: Array  # raw key data; the step's key is fold_in(key, step)
     # Exponential moving average of ``params`` (TrainConfig.ema_decay); None for models that keep none.
     ema_params: Any = None
+    # Multiplies every update (the optimiser's rate); the divergence guard lowers it when it reruns an epoch.
+    # None for models that keep none; checkpoints from before it restore with the fresh state's 1.
+    lr_scale: Any = None
 
     def restore_older(self, stored: dict[str, Any]) -> "TrainState":
         """Return this state with the fields of an older checkpoint that lacks some (an EMA starts at its params)."""

@@ -71,7 +71,8 @@ class Trainer:
                                 graph_config=self.graph_config, num_nodes=self._num_nodes(batch))
         params = self.model.init(run.stream_key(seed, "params"), enc, jnp.asarray(batch["lattice_std"]), b + 1, sg, b)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), key=key,
-                          ema_params=jax.tree_util.tree_map(jnp.copy, params))  # own buffers: steps donate both
+                          ema_params=jax.tree_util.tree_map(jnp.copy, params),  # own buffers: steps donate both
+                          lr_scale=jnp.ones((), jnp.float32))
 
     # -- forward -------------------------------------------------------------
 
@@ -183,6 +184,7 @@ class Trainer:
         key = jax.random.fold_in(state.key, state.step)
         (loss, metrics), grads = jax.value_and_grad(self._losses, has_aux=True)(state.params, batch, key, True)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree_util.tree_map(lambda u: u * state.lr_scale, updates)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.all(
             jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])

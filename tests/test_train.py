@@ -331,18 +331,19 @@ def _toy_loop(tmp_path, losses_of_epoch, epochs=6):
     from symat_jax import checkpoints, loop
 
     state = run.TrainState(step=np.zeros((), np.int32), params={"w": np.zeros(3, np.float32)}, opt_state={},
-                           key=np.asarray(jax.random.PRNGKey(0)))
+                           key=np.asarray(jax.random.PRNGKey(0)), lr_scale=np.ones((), np.float32))
     start = checkpoints.start_run(tmp_path, 10, jax.device_put(state), False, "best")
     tries = {}
 
     def step(state, batch):
-        return state.replace(step=state.step + 1, params={"w": state.params["w"] + batch}), {}
+        return state.replace(step=state.step + 1, params={"w": state.params["w"] + batch * state.lr_scale}), {}
 
     def end_epoch(state, rows, weights, t0):
         epoch = int(state.step) // 2 - 1
         tries[epoch] = tries.get(epoch, -1) + 1
-        loss = losses_of_epoch(epoch, tries[epoch])
-        return loss, {"train": {"loss": loss}, "key": np.asarray(state.key).tolist()}, {}, ""
+        train_loss, val_loss = losses_of_epoch(epoch, tries[epoch])
+        return val_loss, {"train": {"loss": train_loss}, "val": {"loss": val_loss},
+                          "key": np.asarray(state.key).tolist()}, {}, ""
 
     final, _, _ = loop.run_epochs(start, epochs=epochs, seed=0, num_examples=2, steps_per_epoch=2,
                                   batches=lambda order: ((1.0, 1) for _ in order), train_step=step,
@@ -351,17 +352,25 @@ def _toy_loop(tmp_path, losses_of_epoch, epochs=6):
 
 
 def test_the_divergence_guard_reruns_a_blown_up_epoch_from_its_start_and_logs_one_line(tmp_path, caplog):
-    # Losses fall like a real run's first epochs (x100 from epoch 1 to 2 must not count as divergence), then the
-    # first try of epoch 5 (index 4) jumps x1000.
+    # Losses fall like a real run's first epochs (x50 from epoch 1 to 2 must not count as divergence); the first
+    # try of epoch 5 (index 4) ends in a state whose validation loss is 7 x the recent median (9) while the epoch's mean
+    # training loss has only doubled (a blow-up late in the epoch).
     falling = [500.0, 10.0, 8.0, 7.0, 6.5, 6.4]
+
+    def losses(e, t):
+        return (2 * falling[e], 10 * falling[e]) if (e, t) == (4, 0) else (falling[e], falling[e])
+
     with caplog.at_level("WARNING"):
-        final, tries = _toy_loop(tmp_path, lambda e, t: 7000.0 if (e, t) == (4, 0) else falling[e])
-    assert tries == {0: 0, 1: 0, 2: 0, 3: 0, 4: 1, 5: 0} and "epoch 5 diverged" in caplog.text
-    # Rolled back: the rejected try's two steps are gone from the step count and the parameters.
-    assert int(final.step) == 12 and np.all(np.asarray(final.params["w"]) == 12.0)
+        final, tries = _toy_loop(tmp_path, losses)
+    assert tries == {0: 0, 1: 0, 2: 0, 3: 0, 4: 1, 5: 0}
+    assert "epoch 5 diverged (validation loss 65 against 9 over the last epochs)" in caplog.text
+    # Rolled back: the rejected try's two steps are gone from the step count and the parameters; the retry and
+    # everything after it step at half the rate (4 epochs x 2 steps at 1, then 2 x 2 at 0.5).
+    assert int(final.step) == 12 and np.all(np.asarray(final.params["w"]) == 10.0)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4, 5, 6]
-    assert lines[4]["retries"] == 1 and lines[4]["rejected_loss"] == [7000.0] and "retries" not in lines[3]
+    assert lines[4]["retries"] == 1 and lines[4]["lr_scale"] == 0.5 and "retries" not in lines[3]
+    assert lines[4]["rejected"] == [{"training loss": 13.0, "validation loss": 65.0}]
     # The retry draws a new random stream (kept from then on, so a resume repeats it).
     assert lines[4]["key"] != lines[3]["key"] and lines[5]["key"] == lines[4]["key"]
 
@@ -370,7 +379,7 @@ def test_an_epoch_that_diverges_on_every_try_stops_the_run_at_its_last_good_epoc
     from symat_jax import loop
 
     with pytest.raises(loop.TrainingDiverged, match="epoch 4 diverged on 4 tries.*last good epoch \\(3\\)"):
-        _toy_loop(tmp_path, lambda e, t: float("nan") if e == 3 else 10.0 - e)
+        _toy_loop(tmp_path, lambda e, t: (float("nan"), 1.0) if e == 3 else (10.0 - e, 10.0 - e))
     ckpt = RunCheckpoints(tmp_path)
     assert ckpt.latest_epoch() == 2  # 0-based: epoch 3, the last good one
     ckpt.close()
@@ -395,5 +404,5 @@ def test_a_real_run_whose_epoch_blows_up_is_rolled_back_and_finishes(tiny_config
         record = train.train(tiny_config, tmp_path, datasets=tiny_data, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4] and record["epoch"] == 4
-    assert lines[3]["retries"] == 1 and lines[3]["rejected_loss"][0] > 10 * lines[2]["train"]["loss"]
+    assert lines[3]["retries"] == 1 and lines[3]["rejected"][0]["training loss"] > 10 * lines[2]["train"]["loss"]
     assert lines[3]["train"]["loss"] < 2 * lines[2]["train"]["loss"] and "epoch 4 diverged" in caplog.text
