@@ -54,7 +54,7 @@ class DivergenceGuard:
     to ``retries`` times; then the run stops with :class:`TrainingDiverged`,
     its newest checkpoint the last good epoch. Measured on every Carbon-24
     run so far: a healthy epoch's loss is at most 1.11 x that median (Perov-5:
-    2.0, just after its one spike), a diverging one 3.7-114 x; the
+    1.06 until its one spike), a diverging one 3.7-114 x; the
     validation loss, taken at the epoch's end state, shows a blow-up late in
     the epoch that the epoch's mean training loss dilutes (3.7 x training,
     54 x validation).
