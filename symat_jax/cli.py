@@ -67,6 +67,11 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
     parser.add_argument("--score-condition", choices=SCORE_CONDITIONS, default=None,
                         help="where the score network sees z_pos: at the edge head only (SPEC 3, default) or also "
                              "on every atom's embedding")
+    parser.add_argument("--divergence-factor", type=divergence_factor, default=None,
+                        help="rerun an epoch whose training or validation loss exceeds this many times its median over "
+                             "the last 5 epochs, at half the learning rate (default 3; 'off': never)")
+    parser.add_argument("--divergence-retries", type=non_negative_int, default=None,
+                        help="reruns of a diverging epoch before the run stops at its last good epoch (default 3)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its last checkpoint")
 
 
@@ -76,9 +81,13 @@ def run_training(args: argparse.Namespace) -> dict:
 
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("seed", args.seed),
                                    ("focus_sigma", args.focus_sigma),
-                                   ("ema_decay", args.ema_decay), ("lr_schedule", args.lr_schedule)) if v is not None}
+                                   ("ema_decay", args.ema_decay), ("lr_schedule", args.lr_schedule),
+                                   ("divergence_factor", args.divergence_factor),
+                                   ("divergence_retries", args.divergence_retries)) if v is not None}
     if overrides.get("focus_sigma") == "uniform":
         overrides["focus_sigma"] = None
+    if overrides.get("divergence_factor") == "off":
+        overrides["divergence_factor"] = None
     config = configs.get_config(args.dataset, args.preset, **overrides)
     if args.score_condition is not None:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, score_condition=args.score_condition))
@@ -138,6 +147,16 @@ def non_negative_int(text: str) -> int:
 def focus_sigma(text: str) -> float | str:
     """Return ``text`` as a sigma > 0, or the word ``uniform`` (argparse type of ``--focus-sigma``)."""
     return "uniform" if text == "uniform" else positive_float(text)
+
+
+def divergence_factor(text: str) -> float | str:
+    """Return ``text`` as a factor > 1, or the word ``off`` (argparse type of ``--divergence-factor``)."""
+    if text == "off":
+        return text
+    value = _number(text)
+    if not 1.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 1, or 'off', got {text}")
+    return value
 
 
 def ema_decay(text: str) -> float:

@@ -183,8 +183,9 @@ def run_epochs(
                 start.ckpt.close()
                 raise TrainingDiverged(
                     f"{desc} {epoch + 1} diverged on {len(rejected)} tries (last: {why}); nothing of it was saved: "
-                    f"the newest checkpoint is the last good {desc} ({epoch}). Sample it as it is, or rerun with "
-                    f"--resume for new tries.")
+                    f"the newest checkpoint is the last good {desc} ({epoch}). Sample it as it is, or resume with "
+                    f"more tries (--resume --divergence-retries {2 * guard.retries}: the same tries again, then "
+                    f"new ones, each at half the rate of the one before).")
             log.warning("%s %d diverged (%s): rerunning it from its start with a new random stream and the learning "
                         "rate x %g (retry %d of %d)", desc, epoch + 1, why, guard.lr_factor ** len(rejected),
                         len(rejected), guard.retries)

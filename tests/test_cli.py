@@ -126,3 +126,27 @@ def test_focus_sigma_and_ema_decay_options_and_configs_written_before_them(capsy
     del stored["focus_sigma"], stored["ema_decay"], stored["lr_schedule"], stored["lr_floor"]
     older = configs.TrainConfig.from_dict(stored)  # a run from before these fields: uniform levels, no EMA
     assert older.focus_sigma is None and older.ema_decay == 0.0 and older.lr_schedule == "constant"
+
+
+def test_divergence_guard_options_reach_the_training_config(monkeypatch, capsys):
+    import argparse
+
+    from symat_jax import train
+
+    p = argparse.ArgumentParser()
+    cli.add_train_args(p, workdir_default="w")
+    p.add_argument("--data-root", default=None)
+    for bad in ("1", "0.5", "x"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--divergence-factor", bad])
+    assert "must be a finite number above 1, or 'off'" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(train, "train", lambda config, *a, **k: seen.append(config) or {})
+    for argv, expected in ((["--divergence-factor", "off"], (None, 3)),
+                           (["--divergence-factor", "5", "--divergence-retries", "0"], (5.0, 0)),
+                           ([], (3.0, 3))):
+        args = p.parse_args(argv)
+        args.dataset = "carbon_24"
+        cli.run_training(args)
+        assert (seen[-1].divergence_factor, seen[-1].divergence_retries) == expected
+    assert train.divergence_guard(seen[0]) is None and train.divergence_guard(seen[1]).retries == 0

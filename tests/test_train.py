@@ -378,7 +378,7 @@ def test_the_divergence_guard_reruns_a_blown_up_epoch_from_its_start_and_logs_on
 def test_an_epoch_that_diverges_on_every_try_stops_the_run_at_its_last_good_epoch(tmp_path):
     from symat_jax import loop
 
-    with pytest.raises(loop.TrainingDiverged, match="epoch 4 diverged on 4 tries.*last good epoch \\(3\\)"):
+    with pytest.raises(loop.TrainingDiverged, match="epoch 4 diverged on 4 tries.*last good epoch \\(3\\).*--divergence-retries 6"):
         _toy_loop(tmp_path, lambda e, t: (float("nan"), 1.0) if e == 3 else (10.0 - e, 10.0 - e))
     ckpt = RunCheckpoints(tmp_path)
     assert ckpt.latest_epoch() == 2  # 0-based: epoch 3, the last good one
