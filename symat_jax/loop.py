@@ -154,7 +154,8 @@ def run_epochs(
     (:class:`DivergenceGuard`); the accepted record says how many tries it took.
     """
     state, best, last = start.state, start.best, {}
-    history = collections.deque(_history(start.metrics_path, guard_metrics), maxlen=guard.window if guard else 1)
+    history = collections.deque(_history(start.metrics_path, guard_metrics) if guard else (),
+                                maxlen=guard.window if guard else 1)
     for epoch in range(start.start_epoch, epochs):
         rejected: list[dict[str, float]] = []
         # Steps donate the state's buffers: the copy to go back to lives on the host.
