@@ -66,7 +66,7 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
     prior = run.load_prior(workdir) if cfg.prior == "gmm" else None
     t0 = time.perf_counter()
     result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
-                             batch_size=batch_size, bucket_multiple=bucket_multiple, prior=prior, progress=False)
+                             batch_size=batch_size, bucket_multiple=bucket_multiple, prior=prior, progress=True)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", **result.to_cdvae())
     (out / "rejects.json").write_text(json.dumps(result.rejects, indent=1))

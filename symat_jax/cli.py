@@ -67,6 +67,9 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
     parser.add_argument("--score-condition", choices=SCORE_CONDITIONS, default=None,
                         help="where the score network sees z_pos: at the edge head only (SPEC 3, default) or also "
                              "on every atom's embedding")
+    parser.add_argument("--target-matching", choices=("none", "assignment"), default=None,
+                        help="pair each noisy atom's score target with the clean atom it came from (SPEC 3, default) "
+                             "or with its partner in an optimal same-element assignment")
     parser.add_argument("--divergence-factor", type=divergence_factor, default=None,
                         help="rerun an epoch whose training or validation loss exceeds this many times its median over "
                              "the last 5 epochs, at half the learning rate (default 3; 'off': never)")
@@ -80,7 +83,7 @@ def run_training(args: argparse.Namespace) -> dict:
     from symat_jax import configs, train
 
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("seed", args.seed),
-                                   ("focus_sigma", args.focus_sigma),
+                                   ("focus_sigma", args.focus_sigma), ("target_matching", args.target_matching),
                                    ("ema_decay", args.ema_decay), ("lr_schedule", args.lr_schedule),
                                    ("divergence_factor", args.divergence_factor),
                                    ("divergence_retries", args.divergence_retries)) if v is not None}

@@ -110,6 +110,10 @@ class TrainConfig:
     # where the noise has erased the crystal (on Carbon-24 sigma > 1 A is a third of the levels). Measured on
     # Carbon-24 (BENCHMARKS.md): s = 1 A raised 3-4-fold generated atoms from 40% to 49%, hence the default.
     focus_sigma: float | None = 1.0
+    # Which clean atom each noisy atom's score target points to: "none" = the atom it was made from (SPEC 3);
+    # "assignment" = its partner in an optimal same-element assignment (symat_jax.assignment), which differs only
+    # where the noise exceeds about half a bond and makes the target there predictable from the clean crystal.
+    target_matching: str = "none"
     # Divergence guard (loop.DivergenceGuard): an epoch whose training or validation loss exceeds this many times
     # its median over the last 5 accepted epochs is rerun from its start with a new random stream and half the
     # learning rate, at most `divergence_retries` times, then the run stops at its last good epoch. None: off.

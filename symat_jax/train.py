@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from symat_jax import geometry, graphs, latents, losses, loop, run, score
+from symat_jax import assignment, geometry, graphs, latents, losses, loop, run, score
 from symat_jax.checkpoints import start_run
 from symat_jax.configs import TrainConfig
 from symat_jax.files import check_folder_path, write_text_atomic
@@ -44,6 +44,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, statics: RunStatics, total_steps: int = 1) -> None:
         """Build the model and optimiser (Adam with gradient clipping by value; ``total_steps`` for a decaying rate)."""
+        if config.target_matching not in assignment.TARGET_MATCHING:
+            raise ValueError(f"target_matching must be one of {assignment.TARGET_MATCHING}, got {config.target_matching!r}")
         self.config = config
         self.statics = statics
         self.model = SyMat(config.model)
@@ -93,6 +95,8 @@ class Trainer:
             levels = jax.random.categorical(k_lvl, self.level_logits, shape=(clean.shape[0],))
         eps = jax.random.normal(k_eps, clean.shape)
         noisy = jax.vmap(score.perturb)(clean, lattice, mask, self.sigmas[levels], eps)
+        if self.config.target_matching == "assignment":
+            clean = assignment.matched_clean(clean, noisy, lattice, mask, jnp.asarray(batch["atomic_numbers"]))
         return clean, noisy, lattice, levels
 
     def _losses(self, params: Any, batch: Batch, key: Array, sample: bool) -> tuple[Array, dict[str, Array]]:

@@ -150,3 +150,21 @@ def test_divergence_guard_options_reach_the_training_config(monkeypatch, capsys)
         cli.run_training(args)
         assert (seen[-1].divergence_factor, seen[-1].divergence_retries) == expected
     assert train.divergence_guard(seen[0]) is None and train.divergence_guard(seen[1]).retries == 0
+
+
+def test_target_matching_option_reaches_the_training_config(monkeypatch):
+    import argparse
+
+    from symat_jax import train
+
+    p = argparse.ArgumentParser()
+    cli.add_train_args(p, workdir_default="w")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--target-matching", "hungarian"])
+    seen = []
+    monkeypatch.setattr(train, "train", lambda config, *a, **k: seen.append(config) or {})
+    for argv, expected in ((["--target-matching", "assignment"], "assignment"), ([], "none")):
+        args = p.parse_args(argv)
+        args.dataset, args.data_root = "carbon_24", None
+        cli.run_training(args)
+        assert seen[-1].target_matching == expected
