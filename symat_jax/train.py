@@ -271,6 +271,7 @@ def compute_statics(config: TrainConfig, train: CrystalDataset, progress: bool =
         score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max),
         run.stream_key(config.seed, "score_norm"),
         progress=progress,
+        numbers=dense["atomic_numbers"] if config.target_matching == "assignment" else None,
     )
     return RunStatics(tuple(float(x) for x in norm), images, max_elements(train),
                       LatticeStandardizer.fit(lattice_features(train)))

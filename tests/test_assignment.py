@@ -130,3 +130,15 @@ def test_training_with_the_assignment_pairs_each_noisy_atom_no_worse_and_steps(f
     assert int(metrics["skipped"]) == 0 and np.isfinite(float(metrics["loss"]))
     with pytest.raises(ValueError, match="target_matching"):
         train.get_trainer(dataclasses.replace(tiny_config, target_matching="hungarian"), statics)
+
+
+def test_the_normaliser_follows_the_pairing_the_loss_uses(tiny_data):
+    train_set = tiny_data[0]
+    dense = input_pipeline.dense_batch(train_set, np.arange(len(train_set)), 24)
+    lat = np.asarray(geometry.lattice_matrix(train_set.lengths, train_set.angles))
+    sigmas = np.array([0.02, 5.0])
+    args = (dense["frac_coords"], lat, dense["atom_mask"], GRAPH, sigmas, jax.random.PRNGKey(0))
+    spec = score.estimate_score_norm(*args, progress=False)
+    matched = score.estimate_score_norm(*args, progress=False, numbers=dense["atomic_numbers"])
+    np.testing.assert_allclose(matched[0], spec[0], rtol=1e-4)
+    assert matched[1] < 0.8 * spec[1]
