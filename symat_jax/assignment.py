@@ -11,7 +11,7 @@ the noisy one) makes the target a function of the noisy positions and the
 clean crystal, which the latent describes. Below that noise the assignment is
 the identity, so low-noise training is unchanged.
 
-The assignment (Hungarian algorithm, SciPy) runs on the host: :func:`match_clean`
+The assignment (SciPy's `linear_sum_assignment`) runs on the host: :func:`match_clean`
 on numpy arrays, :func:`matched_clean` its ``jax.pure_callback`` for jitted steps.
 """
 
