@@ -70,6 +70,9 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
     parser.add_argument("--target-matching", choices=("none", "assignment"), default=None,
                         help="pair each noisy atom's score target with the clean atom it came from (SPEC 3, default) "
                              "or with its partner in an optimal same-element assignment")
+    parser.add_argument("--score-latent", choices=("sample", "mean"), default=None,
+                        help="z_pos the score network sees in training: a posterior draw (SPEC 2, default) or the "
+                             "posterior mean (what the fitted prior gives the sampler)")
     parser.add_argument("--divergence-factor", type=divergence_factor, default=None,
                         help="rerun an epoch whose training or validation loss exceeds this many times its median over "
                              "the last 5 epochs, at half the learning rate (default 3; 'off': never)")
@@ -84,6 +87,7 @@ def run_training(args: argparse.Namespace) -> dict:
 
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("seed", args.seed),
                                    ("focus_sigma", args.focus_sigma), ("target_matching", args.target_matching),
+                                   ("score_latent", args.score_latent),
                                    ("ema_decay", args.ema_decay), ("lr_schedule", args.lr_schedule),
                                    ("divergence_factor", args.divergence_factor),
                                    ("divergence_retries", args.divergence_retries)) if v is not None}

@@ -114,6 +114,10 @@ class TrainConfig:
     # "assignment" = its partner in an optimal same-element assignment (symat_jax.assignment), which differs only
     # where the noise exceeds about half a bond and makes the target there predictable from the clean crystal.
     target_matching: str = "none"
+    # Which z_pos the score network sees in training: "sample" = a posterior draw (SPEC 2); "mean" = the posterior
+    # mean, which is what the fitted prior (a mixture fitted to posterior means) hands the sampler. A draw tells
+    # the network its latent is noisy, so it leans on the noisy geometry instead.
+    score_latent: str = "sample"
     # Divergence guard (loop.DivergenceGuard): an epoch whose training or validation loss exceeds this many times
     # its median over the last 5 accepted epochs is rerun from its start with a new random stream and half the
     # learning rate, at most `divergence_retries` times, then the run stops at its last good epoch. None: off.

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 Array = jax.Array
 Batch = dict[str, Any]
 
+# What the score network sees of z_pos in training (TrainConfig.score_latent).
+SCORE_LATENTS = ("sample", "mean")
+
 # Counters among the step metrics: summed over an epoch, not averaged.
 COUNTERS = ("skipped", "graph_overflow")
 
@@ -46,6 +49,8 @@ class Trainer:
         """Build the model and optimiser (Adam with gradient clipping by value; ``total_steps`` for a decaying rate)."""
         if config.target_matching not in assignment.TARGET_MATCHING:
             raise ValueError(f"target_matching must be one of {assignment.TARGET_MATCHING}, got {config.target_matching!r}")
+        if config.score_latent not in SCORE_LATENTS:
+            raise ValueError(f"score_latent must be one of {SCORE_LATENTS}, got {config.score_latent!r}")
         self.config = config
         self.statics = statics
         self.model = SyMat(config.model)
@@ -128,7 +133,8 @@ class Trainer:
         clean, noisy, lattice, levels = self._noisy_positions(batch, k_noise)
         pred, nl = coordinate_scores(
             params, c.model, noisy, lattice, jnp.asarray(batch["atomic_numbers"]), jnp.asarray(batch["atom_mask"]),
-            z_pos, graph_config=self.graph_config, num_nodes=self._num_nodes(batch),
+            post.pos_mean if c.score_latent == "mean" else z_pos, graph_config=self.graph_config,
+            num_nodes=self._num_nodes(batch),
         )
         target = jax.vmap(score.score_target)(clean, noisy, lattice, nl)
         target = target / self.score_norm[levels][:, None, None]

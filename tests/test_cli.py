@@ -168,3 +168,19 @@ def test_target_matching_option_reaches_the_training_config(monkeypatch):
         args.dataset, args.data_root = "carbon_24", None
         cli.run_training(args)
         assert seen[-1].target_matching == expected
+
+
+def test_score_latent_option_reaches_the_training_config(monkeypatch):
+    import argparse
+
+    from symat_jax import train
+
+    p = argparse.ArgumentParser()
+    cli.add_train_args(p, workdir_default="w")
+    seen = []
+    monkeypatch.setattr(train, "train", lambda config, *a, **k: seen.append(config) or {})
+    for argv, expected in ((["--score-latent", "mean"], "mean"), ([], "sample")):
+        args = p.parse_args(argv)
+        args.dataset, args.data_root = "carbon_24", None
+        cli.run_training(args)
+        assert seen[-1].score_latent == expected

@@ -406,3 +406,21 @@ def test_a_real_run_whose_epoch_blows_up_is_rolled_back_and_finishes(tiny_config
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4] and record["epoch"] == 4
     assert lines[3]["retries"] == 1 and lines[3]["rejected"][0]["training loss"] > 10 * lines[2]["train"]["loss"]
     assert lines[3]["train"]["loss"] < 2 * lines[2]["train"]["loss"] and "epoch 4 diverged" in caplog.text
+
+
+def test_score_latent_mean_gives_the_score_network_the_posterior_mean(full_run, tiny_config, tiny_data):
+    workdir, _ = full_run
+    statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    budgets = input_pipeline.pad_budgets(tiny_data[0], tiny_config.batch_size, tiny_config.num_buckets, seed=0)
+    batch = next(epoch_batches(tiny_data[0], np.arange(8), budgets, 8, 24, statics.element_slots, statics.lattice))
+    key = jax.random.PRNGKey(3)
+    coords = {}
+    for latent in ("sample", "mean"):
+        trainer = train.get_trainer(dataclasses.replace(tiny_config, score_latent=latent), statics)
+        params = trainer.init_state(batch, 0).params
+        # Same key: same noise levels and noise; only the z_pos the score network sees differs (a draw or the mean).
+        drawn = float(trainer._losses(params, batch, key, True)[1]["coords"])
+        mean = float(trainer._losses(params, batch, key, False)[1]["coords"])
+        coords[latent] = (drawn, mean)
+    assert coords["mean"][0] == pytest.approx(coords["mean"][1], rel=1e-6)
+    assert coords["sample"][0] != pytest.approx(coords["sample"][1], rel=1e-3)
