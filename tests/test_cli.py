@@ -152,7 +152,10 @@ def test_divergence_guard_options_reach_the_training_config(monkeypatch, capsys)
     assert train.divergence_guard(seen[0]) is None and train.divergence_guard(seen[1]).retries == 0
 
 
-def test_target_matching_option_reaches_the_training_config(monkeypatch):
+
+@pytest.mark.parametrize("flag,field,value,default", [("--target-matching", "target_matching", "assignment", "none"),
+                                                      ("--score-latent", "score_latent", "mean", "sample")])
+def test_score_model_options_reach_the_training_config(monkeypatch, flag, field, value, default):
     import argparse
 
     from symat_jax import train
@@ -160,27 +163,11 @@ def test_target_matching_option_reaches_the_training_config(monkeypatch):
     p = argparse.ArgumentParser()
     cli.add_train_args(p, workdir_default="w")
     with pytest.raises(SystemExit):
-        p.parse_args(["--target-matching", "hungarian"])
+        p.parse_args([flag, "hungarian"])
     seen = []
     monkeypatch.setattr(train, "train", lambda config, *a, **k: seen.append(config) or {})
-    for argv, expected in ((["--target-matching", "assignment"], "assignment"), ([], "none")):
+    for argv, expected in (([flag, value], value), ([], default)):
         args = p.parse_args(argv)
         args.dataset, args.data_root = "carbon_24", None
         cli.run_training(args)
-        assert seen[-1].target_matching == expected
-
-
-def test_score_latent_option_reaches_the_training_config(monkeypatch):
-    import argparse
-
-    from symat_jax import train
-
-    p = argparse.ArgumentParser()
-    cli.add_train_args(p, workdir_default="w")
-    seen = []
-    monkeypatch.setattr(train, "train", lambda config, *a, **k: seen.append(config) or {})
-    for argv, expected in ((["--score-latent", "mean"], "mean"), ([], "sample")):
-        args = p.parse_args(argv)
-        args.dataset, args.data_root = "carbon_24", None
-        cli.run_training(args)
-        assert seen[-1].score_latent == expected
+        assert getattr(seen[-1], field) == expected
