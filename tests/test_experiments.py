@@ -105,3 +105,18 @@ def test_interrupted_training_says_how_to_resume(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "run_training", interrupted)
     assert common.train_main("carbon_24", ["--workdir", str(tmp_path / "run")], None) == 130
     assert "--resume" in capsys.readouterr().err
+
+
+def test_the_exact_score_target_brings_perturbed_test_crystals_back(full_run, data_root, tmp_path):
+    import json
+
+    from experiments import oracle_recovery
+
+    workdir, _ = full_run
+    out = tmp_path / "oracle.jsonl"
+    assert oracle_recovery.main(["--workdir", str(workdir), "--data-root", str(data_root), "--num", "6", "--levels",
+                                 "20", "--pairing", "spec", "assignment", "--steps", "150", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["pairing"] for r in rows] == ["spec", "assignment"]
+    for r in rows:  # from sigma 0.17 A (no start within 0.2) both pairings rebuild most crystals
+        assert r["start_within_0.2"] == 0.0 and r["end_within_0.2"] >= 0.8 and r["end_median"] < 0.1
