@@ -25,7 +25,6 @@ Array = jax.Array
 
 # Element mismatches cost more than any periodic displacement can (cells here are < 100 A across).
 _MISMATCH = 1.0e6
-TARGET_MATCHING = ("none", "assignment")
 
 
 def _pairwise_displacements(clean: np.ndarray, noisy: np.ndarray, lattice: np.ndarray) -> np.ndarray:

@@ -10,7 +10,8 @@ import sys
 import time
 from typing import Sequence
 
-from symat_jax.configs import DEFAULT_SAMPLER_PRESET, SAMPLER_PRESETS, SCORE_CONDITIONS
+from symat_jax.configs import (DEFAULT_SAMPLER_PRESET, SAMPLER_PRESETS, SCORE_CONDITIONS, SCORE_LATENTS,
+                               TARGET_MATCHINGS)
 from symat_jax.data import registry
 from symat_jax.prior import PRIOR_KINDS
 
@@ -67,10 +68,10 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
     parser.add_argument("--score-condition", choices=SCORE_CONDITIONS, default=None,
                         help="where the score network sees z_pos: at the edge head only (SPEC 3, default) or also "
                              "on every atom's embedding")
-    parser.add_argument("--target-matching", choices=("none", "assignment"), default=None,
+    parser.add_argument("--target-matching", choices=TARGET_MATCHINGS, default=None,
                         help="pair each noisy atom's score target with the clean atom it came from (SPEC 3, default) "
                              "or with its partner in an optimal same-element assignment")
-    parser.add_argument("--score-latent", choices=("sample", "mean"), default=None,
+    parser.add_argument("--score-latent", choices=SCORE_LATENTS, default=None,
                         help="z_pos the score network sees in training: a posterior draw (SPEC 2, default) or the "
                              "posterior mean (what the fitted prior gives the sampler)")
     parser.add_argument("--divergence-factor", type=divergence_factor, default=None,

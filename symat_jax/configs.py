@@ -64,6 +64,10 @@ class ModelConfig:
 
 
 SCORE_CONDITIONS = ("head", "nodes")
+# Which clean atom a noisy atom's score target points to, and which z_pos the score network sees in training
+# (TrainConfig.target_matching, TrainConfig.score_latent).
+TARGET_MATCHINGS = ("none", "assignment")
+SCORE_LATENTS = ("sample", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +117,13 @@ class TrainConfig:
     # Which clean atom each noisy atom's score target points to: "none" = the atom it was made from (SPEC 3);
     # "assignment" = its partner in an optimal same-element assignment (symat_jax.assignment), which differs only
     # where the noise exceeds about half a bond and makes the target there predictable from the clean crystal.
+    # Measured on Carbon-24 (BENCHMARKS.md, session 10): followed exactly, the paired target rebuilds 94% of test
+    # crystals from uniform positions (SPEC 3's: 54%); an 80-epoch run trained on it recovered no better.
     target_matching: str = "none"
     # Which z_pos the score network sees in training: "sample" = a posterior draw (SPEC 2); "mean" = the posterior
     # mean, which is what the fitted prior (a mixture fitted to posterior means) hands the sampler. A draw tells
-    # the network its latent is noisy, so it leans on the noisy geometry instead.
+    # the network its latent is noisy, so it leans on the noisy geometry instead. One 80-epoch Carbon-24 run:
+    # the widest own-vs-other latent recovery gap so far (69 vs 58% from sigma 0.095 A), still 0% from 0.3 A.
     score_latent: str = "sample"
     # Divergence guard (loop.DivergenceGuard): an epoch whose training or validation loss exceeds this many times
     # its median over the last 5 accepted epochs is rerun from its start with a new random stream and half the

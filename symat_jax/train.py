@@ -23,7 +23,7 @@ import optax
 
 from symat_jax import assignment, geometry, graphs, latents, losses, loop, run, score
 from symat_jax.checkpoints import start_run
-from symat_jax.configs import TrainConfig
+from symat_jax.configs import SCORE_LATENTS, TARGET_MATCHINGS, TrainConfig
 from symat_jax.files import check_folder_path, write_text_atomic
 from symat_jax.data import CrystalDataset, load_split
 from symat_jax.input_pipeline import PadBudget, dense_batch, epoch_batches, lattice_features, max_elements, pad_budgets
@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 Array = jax.Array
 Batch = dict[str, Any]
 
-# What the score network sees of z_pos in training (TrainConfig.score_latent).
-SCORE_LATENTS = ("sample", "mean")
-
 # Counters among the step metrics: summed over an epoch, not averaged.
 COUNTERS = ("skipped", "graph_overflow")
 
@@ -47,8 +44,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, statics: RunStatics, total_steps: int = 1) -> None:
         """Build the model and optimiser (Adam with gradient clipping by value; ``total_steps`` for a decaying rate)."""
-        if config.target_matching not in assignment.TARGET_MATCHING:
-            raise ValueError(f"target_matching must be one of {assignment.TARGET_MATCHING}, got {config.target_matching!r}")
+        if config.target_matching not in TARGET_MATCHINGS:
+            raise ValueError(f"target_matching must be one of {TARGET_MATCHINGS}, got {config.target_matching!r}")
         if config.score_latent not in SCORE_LATENTS:
             raise ValueError(f"score_latent must be one of {SCORE_LATENTS}, got {config.score_latent!r}")
         self.config = config
