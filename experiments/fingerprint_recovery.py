@@ -23,7 +23,7 @@ import json
 import re
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,40 @@ def override(text: str) -> dict[str, Any]:
     return out
 
 
+class Probe(NamedTuple):
+    """Test crystals ready to perturb: the loaded run and crystals, their fingerprints, cartesian positions, levels."""
+
+    data: common.TestCrystals
+    reference: metrics.CrystalScores
+    clean: Array
+    sigmas: np.ndarray
+    max_images: tuple[int, ...]
+
+
+def load_probe(workdir: str, data_root: str | None, num: int, max_atoms: int) -> Probe:
+    """Return the run's first ``num`` test crystals of at most ``max_atoms`` atoms with what both recovery checks need."""
+    data = common.load_test_crystals(workdir, data_root, num, max_atoms)
+    config, statics, _, _ = data.loaded
+    m = config.model
+    reference = metrics.score_crystals(CrystalSet.from_dataset(data.test), progress=False)
+    images = tuple(int(i) for i in np.maximum(np.asarray(statics.max_images), 3))
+    return Probe(data, reference, geometry.frac_to_cart(data.frac, data.lattice),
+                 score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max), images)
+
+
+def perturb_at(probe: Probe, level: int, key: Array) -> Array:
+    """Return ``[b, n, 3]`` the probe's crystals (cartesian, wrapped) perturbed at trained ``level``."""
+    d = probe.data
+    sigma = jnp.full(d.mask.shape[:1], probe.sigmas[level], jnp.float32)
+    return jax.vmap(score.perturb)(probe.clean, d.lattice, d.mask, sigma, jax.random.normal(key, probe.clean.shape))
+
+
+def distance_summary(start: np.ndarray, end: np.ndarray) -> dict[str, float]:
+    """Return the median and the share within CDVAE's 0.2 of fingerprint distances before and after a chain."""
+    return {"start_median": float(np.nanmedian(start)), "start_within_0.2": float(np.nanmean(start <= 0.2)),
+            "end_median": float(np.nanmedian(end)), "end_within_0.2": float(np.nanmean(end <= 0.2))}
+
+
 def fingerprint_distances(crystals: CrystalSet, reference: metrics.CrystalScores) -> np.ndarray:
     """Return per crystal the structure-fingerprint distance to the same row of ``reference`` (NaN without fingerprints)."""
     scores = metrics.score_crystals(crystals, progress=False, cache=False)
@@ -76,27 +110,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(does the chain use the latent?)")
     args = p.parse_args(argv)
 
-    data = common.load_test_crystals(args.workdir, args.data_root, args.num, args.max_atoms)
+    probe = load_probe(args.workdir, args.data_root, args.num, args.max_atoms)
+    data, reference, sigmas, images = probe.data, probe.reference, probe.sigmas, probe.max_images
     config, statics, params, meta = data.loaded
     m = config.model
     lattice, mask, types, z_pos, test = data.lattice, data.mask, data.types, data.z_pos, data.test
     if args.z_pos == "shuffled":
         z_pos = jnp.roll(z_pos, 1, axis=0)
-    real = CrystalSet.from_dataset(test)
-    reference = metrics.score_crystals(real, progress=False)
-    clean = geometry.frac_to_cart(data.frac, lattice)
-    sigmas = score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max)
-    images = tuple(int(i) for i in np.maximum(np.asarray(statics.max_images), 3))
 
     def as_set(frac: Array) -> CrystalSet:
-        return common.dense_crystal_set(types, mask, real.lengths, real.angles, frac)
+        return common.dense_crystal_set(types, mask, test.lengths, test.angles, frac)
 
     default = configs.get_sampler_config(config.dataset, "default")
     spacing = (m.num_levels - 1) / max(default.num_levels - 1, 1)  # the preset's levels are this far apart
     for level in args.levels:
         key = jax.random.fold_in(jax.random.PRNGKey(args.seed), level)
-        noisy = jax.vmap(score.perturb)(clean, lattice, mask, jnp.full(mask.shape[:1], sigmas[level], jnp.float32),
-                                        jax.random.normal(key, clean.shape))
+        noisy = perturb_at(probe, level, key)
         start = jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(noisy, lattice), mask)
         d0 = fingerprint_distances(as_set(start), reference)
         for variant in args.variants:
@@ -108,9 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 jax.random.fold_in(key, 1), noisy)
             d1 = fingerprint_distances(as_set(frac), reference)
             row = {"start_level": level, "sigma": float(sigmas[level]), "variant": variant or "default", "z_pos": args.z_pos,
-                   "crystals": len(test), "epoch": int(meta["epoch"]) + 1,
-                   "start_median": float(np.nanmedian(d0)), "start_within_0.2": float(np.nanmean(d0 <= 0.2)),
-                   "end_median": float(np.nanmedian(d1)), "end_within_0.2": float(np.nanmean(d1 <= 0.2)),
+                   "crystals": len(test), "epoch": int(meta["epoch"]) + 1, **distance_summary(d0, d1),
                    "seconds": round(time.perf_counter() - t0, 1)}
             print(f"start sigma {row['sigma']:.3f} A, {variant or 'default'}, {args.z_pos} z_pos: fingerprint distance median "
                   f"{row['start_median']:.3f} -> {row['end_median']:.3f}, within 0.2: {100 * row['start_within_0.2']:.0f}% -> "

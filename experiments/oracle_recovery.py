@@ -23,12 +23,10 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from experiments import common
-from experiments.fingerprint_recovery import fingerprint_distances
-from symat_jax import assignment, geometry, metrics, score
+from experiments.fingerprint_recovery import distance_summary, fingerprint_distances, load_probe, perturb_at
+from symat_jax import assignment, geometry, score
 from symat_jax.crystal_sets import CrystalSet
 
 Array = jax.Array
@@ -49,20 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="append each row to this JSON-lines file")
     args = p.parse_args(argv)
 
-    data = common.load_test_crystals(args.workdir, args.data_root, args.num, args.max_atoms)
-    config, statics, _, _ = data.loaded
-    m = config.model
+    probe = load_probe(args.workdir, args.data_root, args.num, args.max_atoms)
+    data, reference, clean, sigmas = probe.data, probe.reference, probe.clean, probe.sigmas
+    m = data.loaded[0].model
     lattice, mask, types, test = data.lattice, data.mask, data.types, data.test
-    real = CrystalSet.from_dataset(test)
-    reference = metrics.score_crystals(real, progress=False)
-    clean = geometry.frac_to_cart(data.frac, lattice)
-    sigmas = score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max)
-    images = tuple(int(i) for i in np.maximum(np.asarray(statics.max_images), 3))
-    graph = score.ScoreGraphConfig(m.score_cutoff, m.score_neighbors, images)
+    graph = score.ScoreGraphConfig(m.score_cutoff, m.score_neighbors, probe.max_images)
 
     def as_set(x: Array) -> CrystalSet:
         frac = jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(x, lattice), mask)
-        return common.dense_crystal_set(types, mask, real.lengths, real.angles, frac)
+        return common.dense_crystal_set(types, mask, test.lengths, test.angles, frac)
 
     def flow(x: Array, pairing: str) -> Array:
         def body(_, x):
@@ -77,17 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run_flow = jax.jit(flow, static_argnums=1)
     for level in args.levels:
-        key = jax.random.fold_in(jax.random.PRNGKey(args.seed), level)
-        noisy = jax.vmap(score.perturb)(clean, lattice, mask, jnp.full(mask.shape[:1], sigmas[level], jnp.float32),
-                                        jax.random.normal(key, clean.shape))
+        noisy = perturb_at(probe, level, jax.random.fold_in(jax.random.PRNGKey(args.seed), level))
         d0 = fingerprint_distances(as_set(noisy), reference)
         for pairing in args.pairing:
             t0 = time.perf_counter()
             d1 = fingerprint_distances(as_set(run_flow(noisy, pairing)), reference)
             row = {"start_level": level, "sigma": float(sigmas[level]), "pairing": pairing, "crystals": len(test),
-                   "steps": args.steps, "fraction": args.fraction,
-                   "start_median": float(np.nanmedian(d0)), "start_within_0.2": float(np.nanmean(d0 <= 0.2)),
-                   "end_median": float(np.nanmedian(d1)), "end_within_0.2": float(np.nanmean(d1 <= 0.2)),
+                   "steps": args.steps, "fraction": args.fraction, **distance_summary(d0, d1),
                    "seconds": round(time.perf_counter() - t0, 1)}
             print(f"start sigma {row['sigma']:.3f} A, oracle ({pairing} pairing): fingerprint distance median "
                   f"{row['start_median']:.3f} -> {row['end_median']:.3f}, within 0.2: "
