@@ -96,6 +96,17 @@ def make_tiny_config():
                                max_val=None, learning_rate=3e-3)
 
 
+def first_tiny_batch(workdir: pathlib.Path, config, data):
+    """Return ``(statics, pad budgets, the first batch of 8 crystals)`` of the tiny run trained in ``workdir``."""
+    from symat_jax import input_pipeline, run
+
+    statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    budgets = input_pipeline.pad_budgets(data, config.batch_size, config.num_buckets, seed=0)
+    batch = next(input_pipeline.epoch_batches(data, np.arange(8), budgets, 8, 24, statics.element_slots,
+                                              statics.lattice))
+    return statics, budgets, batch
+
+
 @pytest.fixture(scope="session")
 def tiny_data(data_root, tmp_path_factory):
     """Return (train, val): 24 and 8 Carbon-24 crystals."""

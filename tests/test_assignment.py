@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from symat_jax import assignment, geometry, input_pipeline, run, score, train
-from symat_jax.input_pipeline import epoch_batches
+from symat_jax import assignment, geometry, input_pipeline, score, train
+
+from conftest import first_tiny_batch
 
 LATTICE = np.array([[4.1, 0.0, 0.0], [0.9, 3.7, 0.0], [0.4, -0.6, 4.6]])
 GRAPH = score.ScoreGraphConfig(cutoff=3.0, max_neighbors=5, max_images=(2, 2, 2))
@@ -105,11 +106,9 @@ def _is_shifted_permutation(a, b, inv):
 
 def test_training_with_the_assignment_pairs_each_noisy_atom_no_worse_and_steps(full_run, tiny_config, tiny_data):
     workdir, _ = full_run
-    statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    statics, _, batch = first_tiny_batch(workdir, tiny_config, tiny_data[0])
     config = dataclasses.replace(tiny_config, target_matching="assignment")
     trainer = train.get_trainer(config, statics)
-    budgets = input_pipeline.pad_budgets(tiny_data[0], config.batch_size, config.num_buckets, seed=0)
-    batch = next(epoch_batches(tiny_data[0], np.arange(8), budgets, 8, 24, statics.element_slots, statics.lattice))
     clean, noisy, lattice, levels = jax.jit(trainer._noisy_positions)(batch, jax.random.PRNGKey(1))
     lat = np.asarray(geometry.lattice_matrix(batch["lengths"], batch["angles"]))
     original = np.asarray(geometry.frac_to_cart(batch["frac_coords"], lat))

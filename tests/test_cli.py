@@ -152,7 +152,6 @@ def test_divergence_guard_options_reach_the_training_config(monkeypatch, capsys)
     assert train.divergence_guard(seen[0]) is None and train.divergence_guard(seen[1]).retries == 0
 
 
-
 @pytest.mark.parametrize("flag,field,value,default", [("--target-matching", "target_matching", "assignment", "none"),
                                                       ("--score-latent", "score_latent", "mean", "sample")])
 def test_score_model_options_reach_the_training_config(monkeypatch, flag, field, value, default):

@@ -14,6 +14,8 @@ from symat_jax import cli, input_pipeline, run, train
 from symat_jax.checkpoints import RunCheckpoints
 from symat_jax.input_pipeline import epoch_batches
 
+from conftest import first_tiny_batch
+
 
 def _params(workdir, config, data):
     statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
@@ -80,13 +82,11 @@ def test_a_kill_between_log_and_checkpoint_loses_no_metrics_line(full_run, tiny_
 
 def test_non_finite_step_is_skipped_and_compilations_are_bounded(full_run, tiny_config, tiny_data):
     workdir, _ = full_run
-    statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    statics, budgets, batch = first_tiny_batch(workdir, tiny_config, tiny_data[0])
     trainer = train.get_trainer(tiny_config, statics)
-    budgets = input_pipeline.pad_budgets(tiny_data[0], tiny_config.batch_size, tiny_config.num_buckets, seed=0)
     # One trace per pad budget over three runs (one of them resumed), no more.
     assert 1 <= trainer.traces["train_step"] <= len(budgets)
     assert trainer.traces["eval_step"] == 1
-    batch = next(epoch_batches(tiny_data[0], np.arange(8), budgets, 8, 24, statics.element_slots, statics.lattice))
     state = trainer.init_state(batch, 0)
     before = jax.tree_util.tree_map(np.asarray, state.params)
     bad = dict(batch, lattice_std=np.full_like(batch["lattice_std"], np.nan))
@@ -160,12 +160,10 @@ def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run,
 def test_the_weight_average_follows_the_parameters_and_older_checkpoints_gain_one(full_run, tiny_config, tiny_data,
                                                                                   tmp_path):
     workdir, _ = full_run
-    statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
+    statics, _, batch = first_tiny_batch(workdir, tiny_config, tiny_data[0])
     trainer = train.get_trainer(tiny_config, statics)
     d = tiny_config.ema_decay
     assert 0 < d < 1
-    budgets = input_pipeline.pad_budgets(tiny_data[0], tiny_config.batch_size, tiny_config.num_buckets, seed=0)
-    batch = next(epoch_batches(tiny_data[0], np.arange(8), budgets, 8, 24, statics.element_slots, statics.lattice))
     state = trainer.init_state(batch, 0)
     seen = [jax.tree_util.tree_map(np.array, state.params)]
     for _ in range(2):
@@ -410,9 +408,7 @@ def test_a_real_run_whose_epoch_blows_up_is_rolled_back_and_finishes(tiny_config
 
 def test_score_latent_mean_gives_the_score_network_the_posterior_mean(full_run, tiny_config, tiny_data):
     workdir, _ = full_run
-    statics = run.RunStatics.from_json((workdir / "normalizers.json").read_text())
-    budgets = input_pipeline.pad_budgets(tiny_data[0], tiny_config.batch_size, tiny_config.num_buckets, seed=0)
-    batch = next(epoch_batches(tiny_data[0], np.arange(8), budgets, 8, 24, statics.element_slots, statics.lattice))
+    statics, _, batch = first_tiny_batch(workdir, tiny_config, tiny_data[0])
     key = jax.random.PRNGKey(3)
     coords = {}
     for latent in ("sample", "mean"):
