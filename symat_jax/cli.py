@@ -259,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num-property-samples", type=positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-idx", type=int, default=0, help="evaluation index of CDVAE files with a leading axis")
+    p.add_argument("--subsample", type=positive_int, default=None,
+                   help="score this many generated crystals drawn at random (--seed); with the training CSV as "
+                        "--samples: the data ceiling at that sample count")
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -295,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             report = run_evaluate(args.samples, args.dataset, args.out, args.reference, args.property_model,
                                   args.data_root, args.comp_scaler, args.workers, args.num_property_samples,
-                                  args.seed, args.batch_idx)
+                                  args.seed, args.batch_idx, subsample=args.subsample)
             print(metrics.format_report(report))
     except KeyboardInterrupt:
         print(f"symat {args.command}: interrupted", file=sys.stderr)

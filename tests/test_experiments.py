@@ -1,4 +1,4 @@
-"""Experiments: ``cdvae_benchmark`` (every stage on a tiny data root, then a rerun that only evaluates), ``step_sweep``."""
+"""Experiments: ``cdvae_benchmark`` (every stage on a tiny data root, then a rerun that only evaluates), ``step_sweep``, ``quality_study``'s data ceiling."""
 
 from __future__ import annotations
 
@@ -120,3 +120,41 @@ def test_the_exact_score_target_brings_perturbed_test_crystals_back(full_run, da
     assert [r["pairing"] for r in rows] == ["spec", "assignment"]
     for r in rows:  # from sigma 0.17 A (no start within 0.2) both pairings rebuild most crystals
         assert r["start_within_0.2"] == 0.0 and r["end_within_0.2"] >= 0.8 and r["end_median"] < 0.1
+
+
+def test_quality_study_scores_the_data_ceiling_beside_the_variants(data_root, tmp_path, monkeypatch, capsys):
+    from experiments import quality_study
+    from symat_jax import cli
+    from symat_jax.crystal_sets import CrystalSet
+    from symat_jax.data import load_split
+
+    monkeypatch.setenv("SYMAT_CACHE_DIR", str(tmp_path / "cache"))
+    # A data root whose training split is its test split: every drawn training crystal is a test crystal.
+    root = tmp_path / "data"
+    rows = csv_rows(data_root / "carbon_24" / "test.csv")[:20]
+    for split in ("train", "test"):
+        write_csv(root / "carbon_24" / f"{split}.csv", rows)
+    shutil.copy(data_root / "comp_scaler.json", root / "comp_scaler.json")
+    test = CrystalSet.from_dataset(load_split("carbon_24", "test", root, with_graph=False, progress=False))
+    variant = tmp_path / "study" / "default"
+    variant.mkdir(parents=True)
+    gen = test.subset(np.arange(5))
+    np.savez(variant / "samples.npz", num_atoms=gen.num_atoms, atom_types=gen.atom_types, frac_coords=gen.frac_coords,
+             lengths=gen.lengths, angles=gen.angles)
+    (variant / "summary.json").write_text(json.dumps({"run_seconds": 1.0, "num_requested": 5, "device": "cpu"}))
+    args = ["--workdir", str(tmp_path / "unused"), "--root", str(tmp_path / "study"), "--data-root", str(root),
+            "--num", "8", "--variants", "default", "--skip-sampling"]
+    assert quality_study.main(args) == 0
+    result = json.loads((tmp_path / "study" / "results.json").read_text())
+    ceiling = result["rows"]["training set, 8 drawn (data ceiling)"]
+    # 8 of the 20 test crystals drawn: each is its own nearest test crystal, and covers at least itself.
+    assert ceiling["num_samples"] == 8 and ceiling["cov_precision"] == 1.0 and ceiling["cov_recall"] >= 8 / 20
+    assert ceiling["share_3_or_4"] > 0.99 and ceiling["subsample"] == 8
+    assert "data ceiling" in capsys.readouterr().out
+    # The same seed draws the same crystals; more than the split holds is refused, naming the count.
+    train_csv = str(root / "carbon_24" / "train.csv")
+    drawn = [quality_study.load_generated(train_csv, "carbon_24", subsample=8, progress=False) for _ in range(2)]
+    assert drawn[0].digest() == drawn[1].digest() != test.subset(np.arange(8)).digest()
+    assert cli.main(["evaluate", "--samples", train_csv, "--dataset", "carbon_24", "--data-root", str(root),
+                     "--subsample", "21"]) == 2
+    assert "holds 20 crystals" in capsys.readouterr().err
