@@ -481,6 +481,12 @@ def evaluate(
         report[f"cov_recall{suffix}"] = cov["cov_recall"]
         report[f"cov_precision{suffix}"] = cov["cov_precision"]
         report[f"cov_cutoffs{suffix}"] = [s_cut, c_cut]
+        if name == "cdvae":
+            # Each side alone under its cut-off: which of structure and composition a miss comes from.
+            for side, cuts in (("struct", (s_cut, np.inf)), ("comp", (np.inf, c_cut))):
+                one = coverage_from_distances(distances, *cuts, num_generated=total)
+                report[f"cov_recall_{side}_only"] = one["cov_recall"]
+                report[f"cov_precision_{side}_only"] = one["cov_precision"]
     picked = property_sample(gen.valid, num_property_samples, seed)
     gen_prop = ref_prop = None
     if property_fn is not None and len(picked):

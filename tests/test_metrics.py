@@ -106,6 +106,7 @@ def test_test_split_against_itself(self_reports):
     for name, report in self_reports.items():
         assert report["cov_recall"] == 1.0 and report["cov_precision"] == 1.0, name
         assert report["cov_recall_symat"] == 1.0 and report["cov_precision_symat"] == 1.0, name
+        assert report["cov_precision_struct_only"] == 1.0 and report["cov_recall_comp_only"] == 1.0, name
         assert report["num_atoms_emd"] == 0.0 or name == "perov_5"
     assert c24["density_emd"] < 1e-12 and c24["num_elements_emd"] == 0.0 and c24["num_atoms_emd"] == 0.0
     assert c24["property_emd"] is None and c24["num_property_samples"] == 200
@@ -160,19 +161,26 @@ def test_coverage_matches_a_slow_reference(scaler):
 
     gen_ids = [i for i in range(30) if gen.has_fingerprint[i]]
     comp = lambda s, i: (s.comp_fp[i] - scaler.means) / scaler.stds  # noqa: E731
-    hits_r = 0
+    hits_r, struct_r, comp_r = 0, 0, 0
     for j in range(25):
         ds = min(dist(gen.struct_fp[i], ref.struct_fp[j]) for i in gen_ids)
         dc = min(dist(comp(gen, i), comp(ref, j)) for i in gen_ids)
         hits_r += ds <= cut_s and dc <= cut_c
-    hits_p = 0
+        struct_r, comp_r = struct_r + (ds <= cut_s), comp_r + (dc <= cut_c)
+    hits_p, struct_p, comp_p = 0, 0, 0
     for i in gen_ids:
         ds = min(dist(gen.struct_fp[i], ref.struct_fp[j]) for j in range(25))
         dc = min(dist(comp(gen, i), comp(ref, j)) for j in range(25))
         hits_p += ds <= cut_s and dc <= cut_c
+        struct_p, comp_p = struct_p + (ds <= cut_s), comp_p + (dc <= cut_c)
     assert 0 < hits_r < 25 and 0 < hits_p < len(gen_ids)  # the cut-offs really split the set
     assert got["cov_recall"] == pytest.approx(hits_r / 25)
     assert got["cov_precision"] == pytest.approx(hits_p / 33)
+    # One side alone (the other cut-off open), as the report's *_struct_only / *_comp_only keys use it.
+    assert hits_p < min(struct_p, comp_p)  # each side misses crystals the other keeps
+    for cuts, (want_r, want_p) in (((cut_s, np.inf), (struct_r, struct_p)), ((np.inf, cut_c), (comp_r, comp_p))):
+        one = metrics.coverage(gen, ref, scaler, *cuts, num_generated=33)
+        assert one["cov_recall"] == pytest.approx(want_r / 25) and one["cov_precision"] == pytest.approx(want_p / 33)
 
 
 def test_scaler_replaces_nan_and_checks_its_file(scaler, tmp_path):
