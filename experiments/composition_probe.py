@@ -1,6 +1,6 @@
 """Decoded compositions without the chain: rejects and SMACT validity by prior temperature, with and without fit_counts.
 
-``python -m experiments.composition_probe --workdir RUN [--num 1000] [--temperatures 1.0 0.8 0.6]``
+``python -m experiments.composition_probe --workdir RUN [--num 1000] [--temperatures 1.0 0.8 0.6] [--data-root D]``
 
 Composition validity and the cells rejected for too many atoms depend only
 on the decoded compositions, so this check decodes ``--num`` latents from
@@ -9,12 +9,16 @@ in seconds, before any Langevin chain. Each row: the prior temperature,
 ``fit_counts`` off (each count's argmax, the reference's decoding) or on
 (the most likely counts that fit ``max_atoms``), rejected cells, SMACT
 composition validity over all ``--num`` (a rejected cell counts as invalid,
-as in the quality tables) and the number of distinct compositions.
+as in the quality tables) and the number of distinct compositions; with
+``--data-root``, also the share of written cells whose reduced formula is
+in no training crystal (novel compositions: a prior that only returns the
+training set scores well on coverage and finds nothing new).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 from typing import Any, Sequence
 
@@ -22,10 +26,20 @@ import jax
 import numpy as np
 
 from symat_jax import configs, metrics, run, sampling
+from symat_jax.crystal_sets import CrystalSet
+from symat_jax.data import load_split
 
 
-def probe(loaded: run.LoadedRun, prior: Any, num: int, temperature: float, fit_counts: bool, seed: int = 0) -> dict:
-    """Return rejects, composition validity (%) and distinct compositions of ``num`` decoded latents."""
+def reduced_formula(atomic_numbers: Sequence[int]) -> str:
+    """Return the reduced formula of one cell's atoms."""
+    from pymatgen.core import Composition, Element
+
+    return Composition({Element.from_Z(int(z)).symbol: n for z, n in collections.Counter(atomic_numbers).items()}).reduced_formula
+
+
+def probe(loaded: run.LoadedRun, prior: Any, num: int, temperature: float, fit_counts: bool, seed: int = 0,
+          known: set[str] | None = None) -> dict:
+    """Return rejects, composition validity (%), distinct compositions and (given ``known`` formulas) the novel share (%) of ``num`` decoded latents."""
     config, statics, params, _ = loaded
     cfg = configs.get_sampler_config(config.dataset, "default", prior_temperature=temperature, fit_counts=fit_counts)
     z = sampling.sample_latents(jax.random.PRNGKey(seed), num, config.model, cfg, prior)
@@ -34,8 +48,12 @@ def probe(loaded: run.LoadedRun, prior: Any, num: int, temperature: float, fit_c
     types, counts = np.asarray(dec.atom_types), np.asarray(dec.num_atoms)
     kept = [t[t > 0].tolist() for t, n in zip(types, counts) if n <= config.model.max_atoms]
     valid = sum(metrics.smact_validity(t) for t in kept)
+    novel = None
+    if known is not None and kept:
+        novel = 100.0 * sum(reduced_formula(t) not in known for t in kept) / len(kept)
     return {"prior_temperature": temperature, "fit_counts": fit_counts, "num": num, "rejected": num - len(kept),
-            "comp_valid_pct": 100.0 * valid / num, "distinct": len({tuple(sorted(t)) for t in kept})}
+            "comp_valid_pct": 100.0 * valid / num, "distinct": len({tuple(sorted(t)) for t in kept}),
+            "novel_pct": novel}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,15 +63,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.8, 0.6])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None, help="also report novel compositions (not in the training split)")
     args = p.parse_args(argv)
     loaded = run.load_run(args.workdir, configs.sampler_checkpoint("default"), configs.sampler_weights("default"))
     prior = run.load_prior(args.workdir)
+    known = None
+    if args.data_root is not None:
+        train = CrystalSet.from_dataset(load_split(loaded.config.dataset, "train", args.data_root, with_graph=False,
+                                                   progress=False))
+        known = {reduced_formula(train.crystal(i)[0]) for i in range(len(train))}
     print(f"{args.workdir}: epoch {int(loaded.meta['epoch']) + 1}, {args.num} latents from the fitted prior")
     for temperature in args.temperatures:
         for fit in (False, True):
-            r = probe(loaded, prior, args.num, temperature, fit, args.seed)
+            r = probe(loaded, prior, args.num, temperature, fit, args.seed, known)
+            novel = "" if r["novel_pct"] is None else f", {r['novel_pct']:.1f}% novel"
             print(f"prior temperature {temperature}, fit_counts {'on ' if fit else 'off'}: {r['rejected']} rejected, "
-                  f"composition validity {r['comp_valid_pct']:.1f}%, {r['distinct']} distinct compositions", flush=True)
+                  f"composition validity {r['comp_valid_pct']:.1f}%, {r['distinct']} distinct compositions{novel}",
+                  flush=True)
     return 0
 
 

@@ -242,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_data_args(p)
     p.add_argument("--workdir", required=True)
     p.add_argument("--checkpoint", type=checkpoint_choice, default="latest", help="best, latest or a kept epoch's number")
+    p.add_argument("--families", nargs="+", choices=("gmm", "kde"), default=["gmm", "kde"],
+                   help="candidate densities the validation likelihood chooses among: Gaussian mixtures, kernel "
+                        "density estimates (default: both)")
     p = sub.add_parser("train-property", help="train the property model used by the evaluation's property EMD")
     _add_data_args(p)
     p.add_argument("--workdir", required=True)
@@ -284,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "fit-prior":
             from symat_jax.latents import fit_prior
 
-            print(json.dumps(fit_prior(args.workdir, args.data_root, args.checkpoint), indent=1))
+            print(json.dumps(fit_prior(args.workdir, args.data_root, args.checkpoint, families=args.families), indent=1))
         elif args.command == "train-property":
             from symat_jax.configs import get_property_config
             from symat_jax.property_model import train_property

@@ -3,9 +3,10 @@
 ``symat fit-prior --workdir W`` (and the end of ``symat train``) encodes the
 training crystals, fits Gaussian mixtures to their joint posterior means
 ``[z_comp, z_pos, z_lat]`` with several component counts and covariance
-types, keeps the one with the highest mean log-likelihood of the
-*validation* crystals' latents, and saves it as ``prior.npz`` in the run
-folder with the selection table in ``prior.json``.
+types, and kernel density estimates with several bandwidths, keeps the one
+with the highest mean log-likelihood of the *validation* crystals' latents,
+and saves it as ``prior.npz`` in the run folder with the selection table in
+``prior.json``.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ from symat_jax.data import CrystalDataset, load_split
 from symat_jax.files import write_text_atomic
 from symat_jax.input_pipeline import epoch_batches, pad_budgets
 from symat_jax.model import SyMat
-from symat_jax.prior import MixturePrior
+from symat_jax.prior import MixturePrior, mixture_log_density
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = (1, 2, 5, 10, 20)
 COVARIANCE_TYPES = ("full", "diag")
+# Kernel bandwidths relative to the latents' covariance (Silverman's rule for 384 dimensions gives ~1.0).
+KDE_BANDWIDTHS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+PRIOR_FAMILIES = ("gmm", "kde")
 
 
 @functools.lru_cache(maxsize=4)
@@ -69,14 +73,37 @@ def _as_prior(gmm: Any) -> MixturePrior:
                         jnp.asarray(np.linalg.cholesky(cov), jnp.float32))
 
 
+def kernel_density(train_z: np.ndarray, bandwidth: float, reg: float = 1e-4) -> MixturePrior:
+    """Return the variance-corrected Gaussian kernel density estimate of ``train_z`` as a mixture (one shared factor).
+
+    Kernels of covariance ``h^2 S`` (``S`` the latents' covariance) around the
+    points would widen the density's covariance to ``(1 + h^2) S``; the points
+    are shrunk towards their mean by ``1 / sqrt(1 + h^2)`` and the kernels to
+    ``h^2 / (1 + h^2) S``, so draws keep the latents' mean and covariance
+    (the shrunk smoothed bootstrap, Silverman 1986, section 6.4.1).
+    """
+    mean = train_z.mean(0)
+    cov = np.cov(train_z.T, bias=True) + reg * np.eye(train_z.shape[1])
+    shrink = 1.0 / np.sqrt(1.0 + bandwidth**2)
+    tril = np.linalg.cholesky(cov) * bandwidth * shrink
+    return MixturePrior(jnp.full(len(train_z), 1.0 / len(train_z), jnp.float32),
+                        jnp.asarray(mean + (train_z - mean) * shrink, jnp.float32), jnp.asarray(tril[None], jnp.float32))
+
+
 def fit_mixture(
     train_z: np.ndarray,
     val_z: np.ndarray,
     components: Sequence[int] = COMPONENTS,
     covariance_types: Sequence[str] = COVARIANCE_TYPES,
     seed: int = 0,
+    bandwidths: Sequence[float] = KDE_BANDWIDTHS,
 ) -> tuple[MixturePrior, list[dict[str, Any]]]:
-    """Return the mixture with the best held-out log-likelihood on ``val_z`` and the table of every candidate."""
+    """Return the candidate with the best held-out log-likelihood on ``val_z`` and the table of every candidate.
+
+    Candidates: a scikit-learn ``GaussianMixture`` per component count and
+    covariance type, and a :func:`kernel_density` per bandwidth (empty
+    ``components`` or ``bandwidths`` leaves a family out).
+    """
     from sklearn.mixture import GaussianMixture  # host-side, only here
 
     table, best, best_ll = [], None, -np.inf
@@ -90,10 +117,20 @@ def fit_mixture(
                    "val_loglik": float(gmm.score(val_z))}
             table.append(row)
             if row["val_loglik"] > best_ll:
-                best, best_ll = gmm, row["val_loglik"]
+                best, best_ll = _as_prior(gmm), row["val_loglik"]
+    for h in bandwidths:
+        if len(train_z) < 2:
+            continue
+        kde = kernel_density(train_z, h)
+        loglik = [float(np.mean(mixture_log_density(kde, jnp.asarray(z, jnp.float32)))) for z in (train_z, val_z)]
+        row = {"components": len(train_z), "covariance": "kde", "bandwidth": h, "train_loglik": loglik[0],
+               "val_loglik": loglik[1]}
+        table.append(row)
+        if row["val_loglik"] > best_ll:
+            best, best_ll = kde, row["val_loglik"]
     if best is None:
-        raise ValueError(f"no mixture could be fitted to {len(train_z)} training latents")
-    return _as_prior(best), table
+        raise ValueError(f"no prior could be fitted to {len(train_z)} training latents")
+    return best, table
 
 
 def fit_prior(
@@ -103,12 +140,17 @@ def fit_prior(
     datasets: tuple[CrystalDataset, CrystalDataset] | None = None,
     progress: bool = True,
     weights: str | None = None,
+    families: Sequence[str] = PRIOR_FAMILIES,
 ) -> dict[str, Any]:
-    """Fit the mixture prior of a trained run and write ``prior.npz`` and ``prior.json`` into it; return the report.
+    """Fit the prior of a trained run and write ``prior.npz`` and ``prior.json`` into it; return the report.
 
     The latents come from the encoder of ``weights`` (default: those of the
     ``default`` sampler, the prior's user), so prior and decoders match.
+    ``families`` (``gmm``, ``kde``) are the candidates the validation likelihood chooses among.
     """
+    unknown = sorted(set(families) - set(PRIOR_FAMILIES))
+    if unknown or not families:
+        raise ValueError(f"prior families must be a non-empty subset of {PRIOR_FAMILIES}, got {list(families)}")
     workdir = pathlib.Path(workdir)
     weights = weights or sampler_weights("default")
     config, statics, params, meta = run.load_run(workdir, checkpoint, weights)
@@ -121,7 +163,9 @@ def fit_prior(
         train = train.subset(np.arange(min(config.max_train, len(train))))
     train_z = encode_means(params, config, statics, train)
     val_z = encode_means(params, config, statics, val)
-    prior, table = fit_mixture(train_z, val_z, seed=config.seed)
+    prior, table = fit_mixture(train_z, val_z, seed=config.seed,
+                               components=COMPONENTS if "gmm" in families else (),
+                               bandwidths=KDE_BANDWIDTHS if "kde" in families else ())
     chosen = max(table, key=lambda r: r["val_loglik"])
     report = {
         "checkpoint": checkpoint,
@@ -137,6 +181,7 @@ def fit_prior(
     }
     prior.save(workdir / run.PRIOR_FILE)
     write_text_atomic(workdir / run.PRIOR_REPORT_FILE, json.dumps(report, indent=1))
-    log.info("prior: %d-component %s mixture (val log-likelihood %.1f) on %d training latents",
-             chosen["components"], chosen["covariance"], chosen["val_loglik"], len(train_z))
+    log.info("prior: %d-component %s mixture%s (val log-likelihood %.1f) on %d training latents",
+             chosen["components"], chosen["covariance"],
+             f", bandwidth {chosen['bandwidth']}" if "bandwidth" in chosen else "", chosen["val_loglik"], len(train_z))
     return report

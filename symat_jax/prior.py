@@ -6,7 +6,9 @@ were trained on (on Carbon-24, argmax decoding then gives 6-atom cells almost
 always). Ex-post density estimation (Ghosh et al., ICLR 2020) fits a density
 to the encoded training set after training and samples from it instead:
 here a Gaussian mixture on the joint posterior means ``[z_comp, z_pos, z_lat]``
-(fitted on the host by :mod:`symat_jax.latents`).
+(fitted on the host by :mod:`symat_jax.latents`), or a kernel density estimate:
+one component per training latent with one shared covariance, the form a
+mixture takes when its ``scale_tril`` holds a single factor.
 
 :class:`MixturePrior` is a pytree of arrays: pass it into jitted code as an
 ordinary argument. This module imports no host-side code.
@@ -27,7 +29,8 @@ PRIOR_KINDS = ("standard", "gmm")
 
 class MixturePrior(NamedTuple):
     """A Gaussian mixture over the joint latent ``[z_comp, z_pos, z_lat]``: ``weights [K]``, ``means [K, D]``,
-    ``scale_tril [K, D, D]`` (lower Cholesky factors of the covariances)."""
+    ``scale_tril [K, D, D]`` (lower Cholesky factors of the covariances) or ``[1, D, D]`` (one factor shared by
+    every component, as in a kernel density estimate over thousands of latents)."""
 
     weights: Array
     means: Array
@@ -53,14 +56,22 @@ def sample_mixture(prior: MixturePrior, key: Array, num: int, temperature: float
     kc, ke = jax.random.split(key)
     comp = jax.random.categorical(kc, jnp.log(prior.weights), shape=(num,))
     eps = jax.random.normal(ke, (num, prior.means.shape[-1]))
+    if prior.scale_tril.shape[0] == 1:  # shared factor (static shape: resolved at trace time)
+        return prior.means[comp] + temperature * eps @ prior.scale_tril[0].T
     return prior.means[comp] + temperature * jnp.einsum("nij,nj->ni", prior.scale_tril[comp], eps)
 
 
 def mixture_log_density(prior: MixturePrior, z: Array) -> Array:
     """Return ``[n]`` log densities of points ``z [n, D]`` under the mixture."""
-    diff = z[:, None, :] - prior.means[None]  # [n, K, D]
-    sol = jax.scipy.linalg.solve_triangular(prior.scale_tril[None], diff[..., None], lower=True)[..., 0]
-    log_det = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(prior.scale_tril, axis1=-2, axis2=-1))), axis=-1)  # [K]
-    d = z.shape[-1]
-    comp = -0.5 * jnp.sum(sol**2, axis=-1) - log_det[None] - 0.5 * d * jnp.log(2 * jnp.pi)
+    log_det = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(prior.scale_tril, axis1=-2, axis2=-1))), axis=-1)  # [K] or [1]
+    if prior.scale_tril.shape[0] == 1:
+        # One shared factor: whiten points and means once; an [n, K, D] difference would not fit for K ~ 10^4.
+        w = jax.scipy.linalg.solve_triangular(prior.scale_tril[0], z.T, lower=True).T
+        wm = jax.scipy.linalg.solve_triangular(prior.scale_tril[0], prior.means.T, lower=True).T
+        sq = jnp.sum(w**2, -1)[:, None] - 2.0 * w @ wm.T + jnp.sum(wm**2, -1)[None]
+    else:
+        diff = z[:, None, :] - prior.means[None]  # [n, K, D]
+        sol = jax.scipy.linalg.solve_triangular(prior.scale_tril[None], diff[..., None], lower=True)[..., 0]
+        sq = jnp.sum(sol**2, axis=-1)
+    comp = -0.5 * sq - log_det[None] - 0.5 * z.shape[-1] * jnp.log(2 * jnp.pi)
     return jax.scipy.special.logsumexp(comp + jnp.log(prior.weights)[None], axis=-1)

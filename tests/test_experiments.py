@@ -78,7 +78,7 @@ def test_fingerprint_recovery_variants_parse_into_sampler_overrides():
         override("no_such_field=1")
 
 
-def test_composition_probe_counts_rejects_and_fitted_counts_remove_them(full_run, capsys):
+def test_composition_probe_counts_rejects_and_fitted_counts_remove_them(full_run, capsys, monkeypatch):
     from experiments import composition_probe
     from symat_jax import configs, run
 
@@ -93,6 +93,13 @@ def test_composition_probe_counts_rejects_and_fitted_counts_remove_them(full_run
         assert on == {**off, "fit_counts": True}
     assert composition_probe.main(["--workdir", str(workdir), "--num", "8", "--temperatures", "1.0"]) == 0
     assert capsys.readouterr().out.count("composition validity") == 2
+    # Novelty: the share of written cells whose reduced formula is not known.
+    assert composition_probe.reduced_formula([8, 22, 8, 38, 8]) == "SrTiO3"
+    assert composition_probe.probe(loaded, prior, 8, 1.0, True, known=set())["novel_pct"] == 100.0
+    seen = []
+    monkeypatch.setattr(composition_probe, "reduced_formula", lambda t: seen.append(len(t)) or f"X{len(seen) % 2}")
+    assert composition_probe.probe(loaded, prior, 8, 1.0, True, known={"X0"})["novel_pct"] == 50.0
+    assert len(seen) == 8 and min(seen) >= 1  # one formula per written cell, from its atoms
 
 
 def test_interrupted_training_says_how_to_resume(monkeypatch, tmp_path, capsys):
