@@ -90,6 +90,13 @@ def kernel_density(train_z: np.ndarray, bandwidth: float, reg: float = 1e-4) -> 
                         jnp.asarray(mean + (train_z - mean) * shrink, jnp.float32), jnp.asarray(tril[None], jnp.float32))
 
 
+def _mean_log_density(prior: MixturePrior, z: np.ndarray, chunk: int = 1024) -> float:
+    """Return the mean log density of ``z`` under ``prior``, in chunks (a kernel density's ``[n, K]`` table can be GBs)."""
+    parts = [np.asarray(mixture_log_density(prior, jnp.asarray(z[i : i + chunk], jnp.float32)))
+             for i in range(0, len(z), chunk)]
+    return float(np.mean(np.concatenate(parts)))
+
+
 def fit_mixture(
     train_z: np.ndarray,
     val_z: np.ndarray,
@@ -122,7 +129,7 @@ def fit_mixture(
         if len(train_z) < 2:
             continue
         kde = kernel_density(train_z, h)
-        loglik = [float(np.mean(mixture_log_density(kde, jnp.asarray(z, jnp.float32)))) for z in (train_z, val_z)]
+        loglik = [_mean_log_density(kde, z) for z in (train_z, val_z)]
         row = {"components": len(train_z), "covariance": "kde", "bandwidth": h, "train_loglik": loglik[0],
                "val_loglik": loglik[1]}
         table.append(row)
