@@ -1,4 +1,4 @@
-"""Decoded compositions without the chain: rejects and SMACT validity by prior temperature, with and without fit_counts.
+"""Decoded compositions and lattices without the chain: rejects, SMACT validity, novelty and density by prior temperature.
 
 ``python -m experiments.composition_probe --workdir RUN [--num 1000] [--temperatures 1.0 0.8 0.6] [--data-root D]``
 
@@ -12,7 +12,9 @@ composition validity over all ``--num`` (a rejected cell counts as invalid,
 as in the quality tables) and the number of distinct compositions; with
 ``--data-root``, also the share of written cells whose reduced formula is
 in no training crystal (novel compositions: a prior that only returns the
-training set scores well on coverage and finds nothing new).
+training set scores well on coverage and finds nothing new) and the density
+EMD against the test split (density depends on composition and lattice
+only, which the chain does not change).
 """
 
 from __future__ import annotations
@@ -38,22 +40,30 @@ def reduced_formula(atomic_numbers: Sequence[int]) -> str:
 
 
 def probe(loaded: run.LoadedRun, prior: Any, num: int, temperature: float, fit_counts: bool, seed: int = 0,
-          known: set[str] | None = None) -> dict:
-    """Return rejects, composition validity (%), distinct compositions and (given ``known`` formulas) the novel share (%) of ``num`` decoded latents."""
+          known: set[str] | None = None, test_densities: np.ndarray | None = None) -> dict:
+    """Return rejects, composition validity (%), distinct compositions, and (given ``known`` formulas / the test
+    split's densities) the novel share (%) and the density EMD of ``num`` decoded latents."""
     config, statics, params, _ = loaded
     cfg = configs.get_sampler_config(config.dataset, "default", prior_temperature=temperature, fit_counts=fit_counts)
     z = sampling.sample_latents(jax.random.PRNGKey(seed), num, config.model, cfg, prior)
     dec = sampling.decode_crystals(params, z, jax.random.PRNGKey(seed + 1), model=config.model, cfg=cfg,
                                    statics=statics)
     types, counts = np.asarray(dec.atom_types), np.asarray(dec.num_atoms)
-    kept = [t[t > 0].tolist() for t, n in zip(types, counts) if n <= config.model.max_atoms]
+    written = counts <= config.model.max_atoms
+    kept = [t[t > 0].tolist() for t, ok in zip(types, written) if ok]
     valid = sum(metrics.smact_validity(t) for t in kept)
-    novel = None
+    novel = density_emd = None
     if known is not None and kept:
         novel = 100.0 * sum(reduced_formula(t) not in known for t in kept) / len(kept)
+    if test_densities is not None and kept:
+        cells = CrystalSet(counts[written], np.concatenate([np.asarray(t, np.int64) for t in kept]),
+                           np.zeros((int(counts[written].sum()), 3)), np.asarray(dec.lengths, float)[written],
+                           np.asarray(dec.angles, float)[written])
+        d = cells.densities()
+        density_emd = metrics.emd(d[np.isfinite(d)], test_densities)
     return {"prior_temperature": temperature, "fit_counts": fit_counts, "num": num, "rejected": num - len(kept),
             "comp_valid_pct": 100.0 * valid / num, "distinct": len({tuple(sorted(t)) for t in kept}),
-            "novel_pct": novel}
+            "novel_pct": novel, "density_emd": density_emd}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,16 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     loaded = run.load_run(args.workdir, configs.sampler_checkpoint("default"), configs.sampler_weights("default"))
     prior = run.load_prior(args.workdir)
-    known = None
+    known = test_densities = None
     if args.data_root is not None:
-        train = CrystalSet.from_dataset(load_split(loaded.config.dataset, "train", args.data_root, with_graph=False,
-                                                   progress=False))
+        train, test = (CrystalSet.from_dataset(load_split(loaded.config.dataset, split, args.data_root,
+                                                          with_graph=False, progress=False)) for split in ("train", "test"))
         known = {reduced_formula(train.crystal(i)[0]) for i in range(len(train))}
+        test_densities = test.densities()
     print(f"{args.workdir}: epoch {int(loaded.meta['epoch']) + 1}, {args.num} latents from the fitted prior")
     for temperature in args.temperatures:
         for fit in (False, True):
-            r = probe(loaded, prior, args.num, temperature, fit, args.seed, known)
-            novel = "" if r["novel_pct"] is None else f", {r['novel_pct']:.1f}% novel"
+            r = probe(loaded, prior, args.num, temperature, fit, args.seed, known, test_densities)
+            novel = "" if r["novel_pct"] is None else f", {r['novel_pct']:.1f}% novel, density EMD {r['density_emd']:.3f}"
             print(f"prior temperature {temperature}, fit_counts {'on ' if fit else 'off'}: {r['rejected']} rejected, "
                   f"composition validity {r['comp_valid_pct']:.1f}%, {r['distinct']} distinct compositions{novel}",
                   flush=True)
