@@ -96,9 +96,11 @@ def test_composition_probe_counts_rejects_and_fitted_counts_remove_them(full_run
     # Novelty: the share of written cells whose reduced formula is not known.
     assert composition_probe.reduced_formula([8, 22, 8, 38, 8]) == "SrTiO3"
     assert composition_probe.probe(loaded, prior, 8, 1.0, True, known=set())["novel_pct"] == 100.0
-    # Density EMD against a test split of one 100 g/cm^3 crystal: 100 minus the decoded cells' mean density.
-    far = composition_probe.probe(loaded, prior, 8, 1.0, True, test_densities=np.array([100.0]))["density_emd"]
-    assert 90.0 < far < 100.0
+    # Density EMD against a test split of one crystal far above every decoded cell: that density minus the cells'
+    # mean, so moving the test crystal 10^4 g/cm^3 further moves the EMD by exactly as much.
+    far = [composition_probe.probe(loaded, prior, 8, 1.0, True, test_densities=np.array([d]))["density_emd"]
+           for d in (1e4, 2e4)]
+    assert far[1] - far[0] == pytest.approx(1e4, rel=1e-6) and 0 < far[0] < 1e4
     seen = []
     monkeypatch.setattr(composition_probe, "reduced_formula", lambda t: seen.append(len(t)) or f"X{len(seen) % 2}")
     assert composition_probe.probe(loaded, prior, 8, 1.0, True, known={"X0"})["novel_pct"] == 50.0
