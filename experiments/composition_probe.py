@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.8, 0.6])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-root", default=None, help="also report novel compositions (not in the training split)")
+    p.add_argument("--data-root", default=None, help="also report novel compositions (not in the training split) and the density EMD against the test split")
     args = p.parse_args(argv)
     loaded = run.load_run(args.workdir, configs.sampler_checkpoint("default"), configs.sampler_weights("default"))
     prior = run.load_prior(args.workdir)
