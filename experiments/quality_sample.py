@@ -31,13 +31,13 @@ LANGEVIN = dict(step_schedule="norm", noise_schedule="sigma", temp_coord=1.0)
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "paper": ("paper", "best", {}),
     "paper_latest": ("paper", "latest", {}),
-    "gmm": ("paper", "latest", dict(prior="gmm")),
-    "gmm_langevin": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, **LANGEVIN)),
-    "gmm_langevin_denoise": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, final_denoise=True,
+    "gmm": ("paper", "latest", dict(prior="fitted")),
+    "gmm_langevin": ("paper", "latest", dict(prior="fitted", step_fraction=0.05, **LANGEVIN)),
+    "gmm_langevin_denoise": ("paper", "latest", dict(prior="fitted", step_fraction=0.05, final_denoise=True,
                                                      denoise_scale=0.35, **LANGEVIN)),
-    "gmm_langevin_quiet": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, quiet_levels=10, **LANGEVIN)),
-    "gmm_langevin_50x10": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, steps_per_level=10, **LANGEVIN)),
-    "gmm_langevin_25x10": ("paper", "latest", dict(prior="gmm", step_fraction=0.05, num_levels=25, steps_per_level=10,
+    "gmm_langevin_quiet": ("paper", "latest", dict(prior="fitted", step_fraction=0.05, quiet_levels=10, **LANGEVIN)),
+    "gmm_langevin_50x10": ("paper", "latest", dict(prior="fitted", step_fraction=0.05, steps_per_level=10, **LANGEVIN)),
+    "gmm_langevin_25x10": ("paper", "latest", dict(prior="fitted", step_fraction=0.05, num_levels=25, steps_per_level=10,
                                                    **LANGEVIN)),
     "default": ("default", "latest", {}),
     # The default chain before the band (sessions 3-5): 50 x 100, and its short versions.
@@ -63,7 +63,7 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
     weights = overrides.pop("weights", configs.sampler_weights(preset))
     config, statics, params, meta = run.load_run(workdir, checkpoint, weights)
     cfg = configs.get_sampler_config(config.dataset, preset, **overrides)
-    prior = run.load_prior(workdir) if cfg.prior == "gmm" else None
+    prior = run.load_prior(workdir) if cfg.prior == "fitted" else None
     t0 = time.perf_counter()
     result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
                              batch_size=batch_size, bucket_multiple=bucket_multiple, prior=prior, progress=True)

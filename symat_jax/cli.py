@@ -13,7 +13,7 @@ from typing import Sequence
 from symat_jax.configs import (DEFAULT_SAMPLER_PRESET, SAMPLER_PRESETS, SCORE_CONDITIONS, SCORE_LATENTS,
                                TARGET_MATCHINGS)
 from symat_jax.data import registry
-from symat_jax.prior import PRIOR_KINDS
+from symat_jax.prior import PRIOR_ALIASES, PRIOR_KINDS
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -221,8 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="noise scale on the band's levels relative to the schedule's (default 1)")
     p.add_argument("--quench-steps", type=non_negative_int, default=None,
                    help="noise-free steps at the lowest level after the chain (0: none)")
-    p.add_argument("--prior", choices=PRIOR_KINDS, default=None,
-                   help="latent prior: 'standard' N(0, T^2 I) or 'gmm' (the run's fitted prior.npz)")
+    p.add_argument("--prior", choices=(*PRIOR_KINDS, *PRIOR_ALIASES), default=None,
+                   help="latent prior: 'standard' N(0, T^2 I) or 'fitted' (the run's prior.npz: a Gaussian mixture "
+                        "or kernel density fitted to the training latents; 'gmm' is its earlier name)")
     p.add_argument("--final-denoise", dest="final_denoise", action="store_true", default=None,
                    help="end with a noise-free step to the expected clean positions")
     p.add_argument("--no-final-denoise", dest="final_denoise", action="store_false")

@@ -17,6 +17,7 @@ from typing import Any
 
 from symat_jax.data import registry
 from symat_jax.networks import SphereNetConfig
+from symat_jax.prior import canonical_prior_kind
 
 PRESETS = ("paper", "quick")
 SAMPLER_PRESETS = ("paper", "default")
@@ -205,8 +206,10 @@ class SamplerConfig:
     # whose sum can pass the padding and get the cell rejected.
     fit_counts: bool = False
     # Beyond the paper (defaults: off, so the paper setting is SPEC 4 exactly).
-    prior: str = "standard"  # or "gmm": latents from the mixture fitted to the training latents (run's prior.npz)
-    prior_temperature: float = 1.0  # spread of each mixture component (gmm only)
+    # or "fitted": latents from the density fitted to the training latents (the run's prior.npz: a Gaussian mixture
+    # or a kernel density, whichever the validation likelihood chose); "gmm" is accepted as its earlier name.
+    prior: str = "standard"
+    prior_temperature: float = 1.0  # spread of each fitted component (fitted prior only)
     step_schedule: str = "paper"  # or "norm": alpha_t = step_fraction * norm(sigma_t)^2 (sampling.level_schedule)
     step_fraction: float = 0.5
     # "constant": noise scale temp_coord at every level (SPEC 4); "sigma": temp_coord * sigma_t / norm(sigma_t),
@@ -230,6 +233,10 @@ class SamplerConfig:
     # nearest fixed point, which removes the spread the chain's noise leaves at sigma_1.
     quench_steps: int = 0
 
+    def __post_init__(self) -> None:
+        # One spelling inside the library, whichever name (or alias) the caller used.
+        object.__setattr__(self, "prior", canonical_prior_kind(self.prior))
+
     @classmethod
     def paper(cls, dataset: str, **overrides: Any) -> "SamplerConfig":
         """Return the paper setting of ``dataset`` (its temperatures), with overrides."""
@@ -242,7 +249,7 @@ def get_sampler_config(dataset: str, preset: str = "paper", **overrides: Any) ->
     ``paper``: SPEC 4 exactly (N(0, T^2 I) latents at the paper temperatures,
     argmax decoding, 50 x 100 steps of size 1e-4, no final step).
     ``default``: the best setting measured here (BENCHMARKS.md, quality table):
-    latents from the run's fitted mixture prior, then the settings below.
+    latents from the run's fitted prior, then the settings below.
     """
     registry.get_info(dataset)
     if preset not in SAMPLER_PRESETS:
@@ -258,7 +265,7 @@ def get_sampler_config(dataset: str, preset: str = "paper", **overrides: Any) ->
 # The chain: 25 levels x 10 steps, but the 5 levels with sigma in 0.03-0.1 A run 1,000 steps each (5,200 steps,
 # the cost of the paper's 50 x 100): on Carbon-24 (256 samples, BENCHMARKS.md) extra steps in that band raised
 # 3-4-fold atoms from 58% to 74% (x 300) and 84% (x 1,000); above 0.1 A they bought 1-2 points.
-DEFAULT_SAMPLER: dict[str, Any] = dict(prior="gmm", step_schedule="norm", step_fraction=0.05, noise_schedule="sigma",
+DEFAULT_SAMPLER: dict[str, Any] = dict(prior="fitted", step_schedule="norm", step_fraction=0.05, noise_schedule="sigma",
                                        temp_coord=1.0, final_denoise=True, denoise_scale=0.35, num_levels=25,
                                        steps_per_level=10, band=(0.03, 0.1), band_steps=1000, fit_counts=True)
 

@@ -63,7 +63,7 @@ def run_sample(
     config, statics, params, meta = load_run(workdir, checkpoint or configs.sampler_checkpoint(preset),
                                              weights or configs.sampler_weights(preset))
     cfg = configs.get_sampler_config(config.dataset, preset, **{k: v for k, v in overrides.items() if v is not None})
-    prior = load_prior(workdir) if cfg.prior == "gmm" else None
+    prior = load_prior(workdir) if cfg.prior == "fitted" else None
     t0 = time.perf_counter()
     result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
                              batch_size=batch_size, prior=prior)

@@ -60,11 +60,11 @@ def sample_latents(key: Array, num: int, model: ModelConfig, cfg: SamplerConfig,
                    prior: MixturePrior | None = None) -> Latents:
     """Return ``num`` latents: ``N(0, T^2 I)`` with the config's temperatures, or draws from a fitted mixture prior.
 
-    ``cfg.prior == "gmm"`` needs ``prior`` (the run's ``prior.npz``, :func:`symat_jax.run.load_prior`).
+    ``cfg.prior == "fitted"`` needs ``prior`` (the run's ``prior.npz``, :func:`symat_jax.run.load_prior`).
     """
-    if cfg.prior == "gmm":
+    if cfg.prior == "fitted":
         if prior is None:
-            raise ValueError("the sampler config asks for the fitted prior (prior='gmm') but none was given")
+            raise ValueError("the sampler config asks for the fitted prior (prior='fitted') but none was given")
         z = sample_mixture(prior, key, num, cfg.prior_temperature)
         c, p = model.latent_comp, model.latent_pos
         return Latents(z[:, :c], z[:, c : c + p], z[:, c + p :])
@@ -247,7 +247,8 @@ def langevin(
     max_images: tuple[int, int, int] | None = None,
     x0: Array | None = None,
     python_loop: bool = False,
-) -> tuple[Array, Array]:
+    trace: bool = False,
+) -> tuple[Array, ...]:
     """Return ``(fractional coordinates [b, n, 3], neighbour-list overflow [b])`` after annealed Langevin dynamics.
 
     ``atom_types``/``atom_mask [b, n]``, ``lattice [b, 3, 3]``, ``z_pos [b, latent_pos]``.
@@ -262,6 +263,9 @@ def langevin(
     bounds the periodic images searched; a lattice that needs more raises the
     overflow flag. ``python_loop=True`` runs the same steps one jitted step at
     a time from Python instead (slow; the reference the compiled loop is tested against).
+    ``trace=True`` adds a third output, ``[L, b, n, 3]`` the fractional
+    coordinates after each level of the first pass (``level_schedule``'s order):
+    where along the chain the crystals form or lose their bonds.
     """
     images = tuple(statics.max_images if max_images is None else max_images)
     graph_config = score.ScoreGraphConfig(model.score_cutoff, model.score_neighbors, images)
@@ -293,17 +297,24 @@ def langevin(
         alpha, norm, temp, lkey, n = xs
         body = functools.partial(step, alpha=alpha, norm=norm, temp=temp, lkey=lkey)
         # Without a band every level has the same static trip count (the paper program, unchanged).
-        return jax.lax.fori_loop(0, cfg.steps_per_level if not cfg.band else n, body, c), None
+        c = jax.lax.fori_loop(0, cfg.steps_per_level if not cfg.band else n, body, c)
+        return c, c[0] if trace else None
 
     def run_levels(c, xs):
         if not python_loop:
-            return jax.lax.scan(level, c, xs)[0]
+            return jax.lax.scan(level, c, xs)
+        states = []
         for alpha, norm, temp, lkey, n in zip(*xs):
             for i in range(int(n)):
                 c = step(i, c, alpha, norm, temp, lkey, jitted)
-        return c
+            states.append(c[0])
+        return c, jnp.stack(states) if trace else None
 
-    carry = run_levels(carry, (alphas, norms, temps, level_keys, jnp.asarray(steps)))
+    def to_frac(x):
+        frac = jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(x, lattice), atom_mask)
+        return jnp.where(atom_mask[..., None], frac, 0.0)
+
+    carry, states = run_levels(carry, (alphas, norms, temps, level_keys, jnp.asarray(steps)))
     if cfg.restarts:
         sigmas = jnp.asarray(score.noise_levels(model.num_levels, model.sigma_min, model.sigma_max)[levels], jnp.float32)
         r0 = restart_start(model, cfg, levels)
@@ -316,7 +327,8 @@ def langevin(
             x = jax.vmap(score.perturb)(x, lattice, atom_mask, jnp.broadcast_to(lift, atom_mask.shape[:1]),
                                          jax.random.normal(jax.random.fold_in(kr, 0), x.shape))
             rkeys = jax.random.split(jax.random.fold_in(kr, 1), len(levels))
-            carry = run_levels((x, overflow), (alphas[r0:], norms[r0:], temps[r0:], rkeys[r0:], jnp.asarray(steps[r0:])))
+            carry, _ = run_levels((x, overflow), (alphas[r0:], norms[r0:], temps[r0:], rkeys[r0:],
+                                                  jnp.asarray(steps[r0:])))
     if cfg.quench_steps:
         quench = functools.partial(step, alpha=alphas[-1], norm=norms[-1], temp=0.0, lkey=level_keys[-1], quiet=True)
         if python_loop:
@@ -327,8 +339,9 @@ def langevin(
     x, overflow = carry
     if cfg.final_denoise:
         x = denoise(params, x, norm=norms[-1], scale=cfg.denoise_scale, **inputs, **settings)
-    frac = jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(x, lattice), atom_mask)
-    return jnp.where(atom_mask[..., None], frac, 0.0), overflow
+    if trace:
+        return to_frac(x), overflow, jax.vmap(to_frac)(states)
+    return to_frac(x), overflow
 
 
 class Generated(NamedTuple):
@@ -356,7 +369,7 @@ def generate(
 ) -> Generated:
     """Return ``num`` generated crystals, all padded to ``max_atoms`` (jittable: ``num`` and the configs static).
 
-    ``prior`` (an array pytree, not static) is the run's fitted mixture, used when ``cfg.prior == "gmm"``.
+    ``prior`` (an array pytree, not static) is the run's fitted mixture, used when ``cfg.prior == "fitted"``.
     """
     kz, kd, kx = jax.random.split(key, 3)
     z = sample_latents(kz, num, model, cfg, prior)

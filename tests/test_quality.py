@@ -104,6 +104,20 @@ def test_prior_round_trips_through_its_file(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_prior_kind_gmm_is_an_alias_of_fitted_and_an_unknown_kind_is_refused():
+    cfg = configs.get_sampler_config("carbon_24", "paper", prior="gmm")
+    assert cfg.prior == "fitted" and configs.get_sampler_config("carbon_24", "default").prior == "fitted"
+    D = CONFIG.latent_comp + CONFIG.latent_pos + CONFIG.latent_lat
+    prior = MixturePrior(jnp.ones((1,)), jnp.full((1, D), 3.0),
+                         1e-3 * jnp.eye(D)[None])
+    z = sampling.sample_latents(jax.random.PRNGKey(0), 4, CONFIG, cfg, prior)
+    np.testing.assert_allclose(np.concatenate(z, -1), 3.0, atol=0.01)  # drawn from the fitted prior, not N(0, I)
+    with pytest.raises(ValueError, match="none was given"):
+        sampling.sample_latents(jax.random.PRNGKey(0), 4, CONFIG, cfg)
+    with pytest.raises(ValueError, match="prior must be one of"):
+        configs.get_sampler_config("carbon_24", "paper", prior="flow")
+
+
 def test_paper_preset_is_spec_4_exactly():
     for dataset, temps in configs.PAPER_TEMPERATURES.items():
         cfg = configs.get_sampler_config(dataset, "paper")
@@ -152,6 +166,25 @@ def test_compiled_chain_with_every_option_equals_the_python_loop(params, crystal
     assert not np.allclose(fast[0], unbanded[0], atol=1e-5)  # the extra steps ran
     no_restart = sampling.langevin(params, key, types, mask, lat, z_pos, **{**kw, "cfg": dataclasses.replace(cfg, restarts=0)})
     assert not np.allclose(fast[0], no_restart[0], atol=1e-5)  # the restart ran
+
+
+def test_chain_trace_holds_each_level_s_state_and_ends_at_the_output(params, crystals):  # noqa: F811
+    types, mask, lat, z_pos, images = _inputs(crystals, [0, 3])
+    cfg = dataclasses.replace(FEW, step_schedule="norm", step_fraction=1e-3, noise_schedule="sigma", temp_coord=1.0,
+                              top_level=30, band=(0.05, 0.1), band_steps=7)
+    kw = dict(statics=_statics(), model=CONFIG, cfg=cfg, max_images=images, trace=True)
+    key = jax.random.PRNGKey(5)
+    frac, _, states = jax.jit(lambda p, k: sampling.langevin(p, k, types, mask, lat, z_pos, **kw))(params, key)
+    assert states.shape == (3,) + frac.shape  # levels 30, 15, 0
+    np.testing.assert_allclose(states[-1], frac, atol=1e-6)  # no final step: the last level's state is the output
+    slow = sampling.langevin(params, key, types, mask, lat, z_pos, **kw, python_loop=True)[2]
+    np.testing.assert_allclose(states, slow, atol=1e-5)
+    assert not np.allclose(states[0], states[1], atol=1e-4)  # each entry is its own level's state
+    assert np.all(states[:, ~np.asarray(mask)] == 0)
+    denoised = sampling.langevin(params, key, types, mask, lat, z_pos,
+                                 **{**kw, "cfg": dataclasses.replace(cfg, final_denoise=True)})
+    np.testing.assert_allclose(denoised[2], states, atol=1e-6)  # the final step comes after the trace
+    assert not np.allclose(denoised[0], states[-1], atol=1e-5)
 
 
 def test_restart_level_is_the_nearest_to_restart_sigma_and_a_bad_one_is_refused():

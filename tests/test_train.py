@@ -145,7 +145,7 @@ def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run,
     assert cli.main(args + ["--band", "0.01", "0.05", "--band-steps", "3", "--band-temp", "0.5", "--quench-steps", "2",
                            "--no-fit-counts"]) == 0  # the default preset: the prior fitted at the end of training
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["preset"] == "default" and summary["sampler"]["prior"] == "gmm"
+    assert summary["preset"] == "default" and summary["sampler"]["prior"] == "fitted"
     assert summary["sampler"]["band"] == [0.01, 0.05] and summary["sampler"]["band_steps"] == 3
     assert summary["sampler"]["quench_steps"] == 2 and summary["sampler"]["band_temp"] == 0.5
     assert summary["sampler"]["fit_counts"] is False  # the preset's True, overridden
