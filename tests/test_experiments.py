@@ -66,6 +66,23 @@ def test_step_sweep_reports_local_structure_per_setting(full_run, tmp_path, caps
         step_sweep.restart("2")
 
 
+def test_chain_trace_reports_each_level_beside_the_perturbed_data(full_run, data_root, tmp_path, capsys):
+    from experiments import chain_trace
+
+    workdir, _ = full_run
+    out = tmp_path / "trace.json"
+    assert chain_trace.main(["--workdir", str(workdir), "--data-root", str(data_root), "--num", "6", "--max-atoms",
+                             "8", "--schedule", "3x2", "--out", str(out)]) == 0
+    (trace,) = json.loads(out.read_text())
+    rows = trace["rows"]
+    assert [r["level"] for r in rows] == [49, 24, 0] and all(r["steps"] == 2 for r in rows)
+    # The data column is real carbon noised at each level: all bonds at sigma 0.01 A, few at 10 A.
+    assert rows[-1]["data"]["share_3_or_4"] > 0.95 and 1.3 < rows[-1]["data"]["nn_median"] < 1.6
+    assert rows[0]["data"]["share_3_or_4"] < 0.5
+    assert all(r["nn_w1"] >= 0 and np.isfinite(r["relative_score_error"]) for r in rows)
+    assert "final (after the denoising step)" in capsys.readouterr().out
+
+
 def test_fingerprint_recovery_variants_parse_into_sampler_overrides():
     import argparse
 
