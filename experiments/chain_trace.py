@@ -73,6 +73,7 @@ def trace_run(workdir: str, data_root: str | None, num: int, max_atoms: int, see
     lattice = geometry.lattice_matrix(dec.lengths, dec.angles)
     frac, _, states = jax.jit(lambda p, k: sampling.langevin(p, k, dec.atom_types, mask, lattice, z.z_pos,
                                                              statics=statics, model=m, cfg=cfg, trace=True))(params, kx)
+    frac, states = np.asarray(frac), np.asarray(states)  # waits for the chain: the time below is its own
     seconds = time.perf_counter() - t0
     gen = [np.asarray(a) for a in (dec.atom_types, mask, dec.lengths, dec.angles)]
 

@@ -52,6 +52,9 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "default_ema": ("default", "latest", dict(weights="ema")),
     "default_25x10_raw": ("default", "latest", dict(num_levels=25, steps_per_level=10, band=None, weights="raw")),
     "default_25x10_ema": ("default", "latest", dict(num_levels=25, steps_per_level=10, band=None, weights="ema")),
+    # The score network from an earlier checkpoint of the run (which must be kept), the rest from the latest.
+    "default_score40": ("default", "latest", dict(score_checkpoint="40")),
+    "default_score60": ("default", "latest", dict(score_checkpoint="60")),
 }
 
 
@@ -61,7 +64,7 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
     preset, checkpoint, overrides = VARIANTS[name]
     overrides = dict(overrides)
     weights = overrides.pop("weights", configs.sampler_weights(preset))
-    config, statics, params, meta = run.load_run(workdir, checkpoint, weights)
+    config, statics, params, meta = run.load_run(workdir, checkpoint, weights, overrides.pop("score_checkpoint", None))
     cfg = configs.get_sampler_config(config.dataset, preset, **overrides)
     prior = run.load_prior(workdir) if cfg.prior == "fitted" else None
     t0 = time.perf_counter()
@@ -72,7 +75,7 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
     (out / "rejects.json").write_text(json.dumps(result.rejects, indent=1))
     summary = {
         "variant": name, "preset": preset, "checkpoint": checkpoint, "checkpoint_epoch": int(meta["epoch"]) + 1,
-        "weights": meta["weights"], "num_requested": num, "num_written": len(result.atom_types), "num_rejected": len(result.rejects),
+        "score_epoch": meta["score_epoch"], "weights": meta["weights"], "num_requested": num, "num_written": len(result.atom_types), "num_rejected": len(result.rejects),
         "neighbor_overflow": int(result.overflow.sum()), "compile_seconds": round(result.compile_seconds, 2),
         "run_seconds": round(result.run_seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
         "device": jax.devices()[0].device_kind,

@@ -236,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="decode each count's argmax: cells past max_atoms are rejected (the paper setting)")
     p.add_argument("--checkpoint", type=checkpoint_choice, default=None,
                    help="best, latest or a kept epoch's number (default: the preset's choice)")
+    p.add_argument("--score-checkpoint", type=checkpoint_choice, default=None,
+                   help="take the score network from this kept checkpoint (the decoders from --checkpoint)")
     p.add_argument("--weights", choices=("raw", "ema"), default=None,
                    help="trained parameters or their moving average (default: the preset's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
@@ -278,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             summary = run_sample(
                 args.workdir, args.num, args.out, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
-                checkpoint=args.checkpoint, weights=args.weights, overwrite=args.overwrite, num_levels=args.levels,
+                checkpoint=args.checkpoint, weights=args.weights, score_checkpoint=args.score_checkpoint,
+                overwrite=args.overwrite, num_levels=args.levels,
                 steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
                 prior=args.prior, band=None if args.band is None else tuple(args.band), band_steps=args.band_steps,
                 band_temp=args.band_temp, quench_steps=args.quench_steps, final_denoise=args.final_denoise,

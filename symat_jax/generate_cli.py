@@ -48,6 +48,7 @@ def run_sample(
     seed: int = 0,
     checkpoint: str | None = None,
     weights: str | None = None,
+    score_checkpoint: str | None = None,
     overwrite: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -55,13 +56,14 @@ def run_sample(
 
     ``preset`` names a sampler preset (:func:`symat_jax.configs.get_sampler_config`);
     ``overrides`` replace its fields (``None`` values are ignored). ``checkpoint``
-    (best or latest) and ``weights`` (raw or ema) default to the preset's choice. A non-empty ``out`` is
+    (best or latest) and ``weights`` (raw or ema) default to the preset's choice; ``score_checkpoint`` takes
+    the score network from another kept checkpoint (:func:`symat_jax.run.load_run`). A non-empty ``out`` is
     refused before any work (outputs of two runs never mix) unless
     ``overwrite``, which clears it once the new samples exist.
     """
     check_output_folder(out, overwrite)
     config, statics, params, meta = load_run(workdir, checkpoint or configs.sampler_checkpoint(preset),
-                                             weights or configs.sampler_weights(preset))
+                                             weights or configs.sampler_weights(preset), score_checkpoint)
     cfg = configs.get_sampler_config(config.dataset, preset, **{k: v for k, v in overrides.items() if v is not None})
     prior = load_prior(workdir) if cfg.prior == "fitted" else None
     t0 = time.perf_counter()
@@ -74,6 +76,7 @@ def run_sample(
     summary = {
         "workdir": str(workdir),
         "checkpoint_epoch": int(meta["epoch"]) + 1,
+        "score_epoch": meta["score_epoch"],
         "weights": meta["weights"],
         "preset": preset,
         "num_requested": num,

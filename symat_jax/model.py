@@ -64,6 +64,11 @@ class GaussianHead(nn.Module):
         return mean, jnp.minimum(logvar, LOGVAR_MAX)
 
 
+# The score network's parameter subtrees: it shares none with the encoder and decoders, so a sampler may take them
+# from another checkpoint of the run (run.load_run's score_checkpoint).
+SCORE_MODULES = ("score_embed", "score_net", "score_head")
+
+
 class SyMat(nn.Module):
     """SyMat: encoder, latent heads, composition/lattice decoders and the coordinate score network."""
 

@@ -29,6 +29,7 @@ import numpy as np
 from symat_jax.checkpoints import DamagedCheckpointError, RunCheckpoints
 from symat_jax.files import read_json, write_text_atomic
 from symat_jax.configs import TrainConfig
+from symat_jax.model import SCORE_MODULES
 from symat_jax.prior import MixturePrior
 
 Array = jax.Array
@@ -197,12 +198,32 @@ def checkpoint_choice(text: str) -> str:
     raise ValueError(f"a checkpoint is best, latest or an epoch number (1, 2, ...), got {text!r}")
 
 
-def load_run(workdir: str | pathlib.Path, checkpoint: str = "best", weights: str = "raw") -> LoadedRun:
+def _restore_state(workdir: pathlib.Path, checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return ``(state as nested dicts, meta)`` of one checkpoint; a damaged one is an error naming others to try."""
+    ckpt = RunCheckpoints(workdir)
+    try:
+        epoch = int(checkpoint) - 1 if checkpoint.isdigit() else None
+        return ckpt.restore_raw(best=checkpoint == "best", epoch=epoch)
+    except DamagedCheckpointError as err:
+        kept = [str(s + 1) for s in sorted(ckpt.latest.all_steps(), reverse=True) if s != err.step]
+        others = ["`--checkpoint best`"] if checkpoint != "best" else ["`--checkpoint latest`"]
+        others += [f"`--checkpoint {k}`" for k in kept[:2]]
+        raise ValueError(f"{err}; {' or '.join(others)} loads another") from None
+    finally:
+        ckpt.close()
+
+
+def load_run(workdir: str | pathlib.Path, checkpoint: str = "best", weights: str = "raw",
+             score_checkpoint: str | None = None) -> LoadedRun:
     """Return the config, statics, parameters and meta of a trained run.
 
     ``checkpoint``: best, latest or a kept epoch's number; ``weights``: the
     trained parameters (``raw``) or their moving average (``ema``; a run
     trained without one gives its raw parameters, and ``meta["weights"]`` says so).
+    ``score_checkpoint``: take the score network's parameters
+    (``model.SCORE_MODULES``) from that checkpoint of the run instead, the
+    rest from ``checkpoint`` (``meta["score_epoch"]`` says which): the
+    decoders and the score network each at the epoch that generates best.
     A damaged checkpoint is an error that names the others to try.
     """
     checkpoint = checkpoint_choice(str(checkpoint))
@@ -211,20 +232,17 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best", weights: str
     workdir = pathlib.Path(workdir)
     config = read_config(workdir)
     statics = read_statics(workdir)
-    ckpt = RunCheckpoints(workdir)
-    try:
-        epoch = int(checkpoint) - 1 if checkpoint.isdigit() else None
-        state, meta = ckpt.restore_raw(best=checkpoint == "best", epoch=epoch)
-    except DamagedCheckpointError as err:
-        kept = [str(s + 1) for s in sorted(ckpt.latest.all_steps(), reverse=True) if s != err.step]
-        others = ["`--checkpoint best`"] if checkpoint != "best" else ["`--checkpoint latest`"]
-        others += [f"`--checkpoint {k}`" for k in kept[:2]]
-        raise ValueError(f"{err}; {' or '.join(others)} loads another") from None
-    finally:
-        ckpt.close()
+    state, meta = _restore_state(workdir, checkpoint)
     has_ema = weights == "ema" and state.get("ema_params") is not None and config.ema_decay > 0
     meta["weights"] = "ema" if has_ema else "raw"
-    return LoadedRun(config, statics, state["ema_params" if has_ema else "params"], meta)
+    params = state["ema_params" if has_ema else "params"]
+    meta["score_epoch"] = int(meta["epoch"]) + 1
+    if score_checkpoint is not None:
+        other, other_meta = _restore_state(workdir, checkpoint_choice(str(score_checkpoint)))
+        source = other["ema_params" if has_ema else "params"]
+        params = {**params, "params": {**params["params"], **{k: source["params"][k] for k in SCORE_MODULES}}}
+        meta["score_epoch"] = int(other_meta["epoch"]) + 1
+    return LoadedRun(config, statics, params, meta)
 
 
 def load_prior(workdir: str | pathlib.Path) -> MixturePrior:

@@ -157,6 +157,30 @@ def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run,
     assert json.loads((out / "summary.json").read_text())["preset"] == "paper"
 
 
+def test_the_score_network_can_come_from_another_kept_checkpoint(full_run, tmp_path):
+    from symat_jax.model import SCORE_MODULES
+
+    workdir, _ = full_run
+    latest = run.load_run(workdir, "latest", "ema")
+    early = run.load_run(workdir, "2", "ema")
+    mixed = run.load_run(workdir, "latest", "ema", score_checkpoint="2")
+    assert (mixed.meta["epoch"], mixed.meta["score_epoch"], latest.meta["score_epoch"]) == (3, 2, 4)
+    for name, subtree in mixed.params["params"].items():
+        source = early if name in SCORE_MODULES else latest
+        for a, b in zip(jax.tree_util.tree_leaves(subtree), jax.tree_util.tree_leaves(source.params["params"][name])):
+            np.testing.assert_array_equal(a, b)
+    assert set(mixed.params["params"]) == set(latest.params["params"]) and SCORE_MODULES[1] in mixed.params["params"]
+    assert not np.array_equal(jax.tree_util.tree_leaves(latest.params["params"]["score_net"])[0],
+                              jax.tree_util.tree_leaves(early.params["params"]["score_net"])[0])
+    with pytest.raises(FileNotFoundError, match="kept epochs: 2, 3, 4"):
+        run.load_run(workdir, "latest", "ema", score_checkpoint="1")
+    out = tmp_path / "mixed"
+    assert cli.main(["sample", "--workdir", str(workdir), "--num", "2", "--out", str(out), "--levels", "2",
+                     "--langevin-steps", "2", "--no-band", "--score-checkpoint", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["checkpoint_epoch"], summary["score_epoch"]) == (4, 2)
+
+
 def test_the_weight_average_follows_the_parameters_and_older_checkpoints_gain_one(full_run, tiny_config, tiny_data,
                                                                                   tmp_path):
     workdir, _ = full_run
