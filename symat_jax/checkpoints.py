@@ -25,20 +25,27 @@ class DamagedCheckpointError(ValueError):
 
 
 class RunCheckpoints:
-    """The checkpoints of one work directory: ``checkpoints/`` (latest N) and ``best/`` (best validation loss)."""
+    """The checkpoints of one work directory: ``checkpoints/`` (latest N), ``best/`` (best validation loss) and
+    ``kept/`` (chosen epochs kept for good)."""
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 3) -> None:
-        """Open (or create) the checkpoint folders of ``workdir``."""
+    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, keep_epochs: tuple[int, ...] = ()) -> None:
+        """Open (or create) the checkpoint folders of ``workdir``; ``keep_epochs`` (1-based) are kept for good."""
         root = pathlib.Path(workdir).resolve()
         options = dict(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True)
         self.latest = ocp.CheckpointManager(
             root / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options)
         )
         self.best = ocp.CheckpointManager(root / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+        self.keep_epochs = tuple(keep_epochs)
+        # Opened only where it exists or will be written: reading a run must not add a folder to it.
+        self.kept = (ocp.CheckpointManager(root / "kept", options=ocp.CheckpointManagerOptions(**options))
+                     if keep_epochs or (root / "kept").is_dir() else None)
 
     def save(self, epoch: int, state: PyTree, meta: dict[str, Any], is_best: bool) -> None:
-        """Write ``state`` and JSON ``meta`` as epoch ``epoch`` (and as the best one when ``is_best``)."""
+        """Write ``state`` and JSON ``meta`` as epoch ``epoch`` (and as the best one when ``is_best``, and in
+        ``kept/`` when it is one of ``keep_epochs``)."""
         managers = [self.latest] + ([self.best] if is_best else [])
+        managers += [self.kept] if self.kept is not None and epoch + 1 in self.keep_epochs else []
         for mngr in managers:
             if epoch in mngr.all_steps():
                 # An epoch trained again after a resume from an older checkpoint (the newest was damaged):
@@ -130,18 +137,26 @@ class RunCheckpoints:
         step = mngr.latest_step() if epoch is None else epoch
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+        if step not in mngr.all_steps() and self.kept is not None and step in self.kept.all_steps():
+            mngr = self.kept
         if step not in mngr.all_steps():
-            kept = ", ".join(str(s + 1) for s in sorted(self.latest.all_steps())) or "none"
+            kept = ", ".join(str(s + 1) for s in self.kept_steps()) or "none"
             raise FileNotFoundError(f"no checkpoint of epoch {step + 1} in {mngr.directory} (kept epochs: {kept})")
         try:
             return self._restore_step(mngr, step)
         except Exception as err:  # noqa: BLE001  (tensorstore raises several types for damaged files)
             raise DamagedCheckpointError(mngr.directory, step, err) from err
 
+    def kept_steps(self) -> list[int]:
+        """Return the 0-based epochs with a checkpoint in ``checkpoints/`` or ``kept/``, oldest first."""
+        steps = set(self.latest.all_steps()) | (set(self.kept.all_steps()) if self.kept is not None else set())
+        return sorted(steps)
+
     def close(self) -> None:
         """Release the managers."""
-        self.latest.close()
-        self.best.close()
+        for mngr in (self.latest, self.best, self.kept):
+            if mngr is not None:
+                mngr.close()
 
 
 @dataclasses.dataclass
@@ -155,14 +170,15 @@ class RunStart:
     metrics_path: pathlib.Path
 
 
-def start_run(workdir: str | pathlib.Path, keep: int, state: PyTree, resume: bool, best_key: str) -> RunStart:
+def start_run(workdir: str | pathlib.Path, keep: int, state: PyTree, resume: bool, best_key: str,
+              keep_epochs: tuple[int, ...] = ()) -> RunStart:
     """Open the checkpoints of ``workdir``: a fresh run (refused where one exists) or the newest checkpoint when ``resume``.
 
     ``state`` is the freshly initialised train state (the restore target);
     ``best_key`` names the best-score entry of the checkpoint meta. Lines of
     ``metrics.jsonl`` written after the restored epoch (before a kill) are dropped.
     """
-    ckpt = RunCheckpoints(workdir, keep)
+    ckpt = RunCheckpoints(workdir, keep, keep_epochs)
     metrics_path = pathlib.Path(workdir) / "metrics.jsonl"
     if ckpt.latest_epoch() is None:
         if metrics_path.exists():

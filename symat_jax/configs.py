@@ -103,6 +103,9 @@ class TrainConfig:
     seed: int = 0
     num_buckets: int = 3  # pad budgets of encoder batches (compilations per epoch)
     keep_checkpoints: int = 3
+    # Epochs whose checkpoints are kept for good (in kept/, beside the latest N): a sampler may take its score
+    # network from one (run.load_run's score_checkpoint). Changes nothing in training.
+    keep_epochs: tuple[int, ...] = ()
     max_train: int | None = None  # use only the first N training crystals (quick runs)
     max_val: int | None = None
     # Decay of the exponential moving average of the parameters kept beside them (0: none). It does not change
@@ -143,6 +146,7 @@ class TrainConfig:
         """Return the config stored by :meth:`to_json` (parsed)."""
         # Runs written before these fields existed kept no EMA and drew levels uniformly.
         d = {"ema_decay": 0.0, "focus_sigma": None, **d}
+        d["keep_epochs"] = tuple(d.get("keep_epochs", ()))
         model = dict(d["model"])
         model["encoder"] = SphereNetConfig(**model["encoder"])
         model["score_net"] = SphereNetConfig(**model["score_net"])

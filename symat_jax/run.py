@@ -205,7 +205,7 @@ def _restore_state(workdir: pathlib.Path, checkpoint: str) -> tuple[dict[str, An
         epoch = int(checkpoint) - 1 if checkpoint.isdigit() else None
         return ckpt.restore_raw(best=checkpoint == "best", epoch=epoch)
     except DamagedCheckpointError as err:
-        kept = [str(s + 1) for s in sorted(ckpt.latest.all_steps(), reverse=True) if s != err.step]
+        kept = [str(s + 1) for s in reversed(ckpt.kept_steps()) if s != err.step]
         others = ["`--checkpoint best`"] if checkpoint != "best" else ["`--checkpoint latest`"]
         others += [f"`--checkpoint {k}`" for k in kept[:2]]
         raise ValueError(f"{err}; {' or '.join(others)} loads another") from None

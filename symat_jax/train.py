@@ -313,7 +313,7 @@ def train(
             # Only the schedule (e.g. more epochs), the EMA decay (it does not change training) and the divergence
             # guard (it changes nothing in a healthy run) may change.
             free = dict(epochs=config.epochs, ema_decay=config.ema_decay, divergence_factor=config.divergence_factor,
-                        divergence_retries=config.divergence_retries)
+                        divergence_retries=config.divergence_retries, keep_epochs=config.keep_epochs)
             if dataclasses.replace(stored, **free) != config:
                 raise ValueError(f"{config_path} differs from the requested config; resume with the same settings")
     if resume and not run.holds_run(workdir):
@@ -341,7 +341,7 @@ def train(
     val_budgets = pad_budgets(val_data, config.batch_size, 1)
     first, _ = next(trainer.batches(train_data, np.arange(len(train_data)), budgets))
     state = trainer.init_state(first, config.seed)
-    start = start_run(workdir, config.keep_checkpoints, state, resume, "best_val_loss")
+    start = start_run(workdir, config.keep_checkpoints, state, resume, "best_val_loss", config.keep_epochs)
 
     def end_epoch(state: TrainState, rows: list, weights: list[int], t0: float):
         train_metrics = loop.weighted_means(rows, weights, COUNTERS, skipped="skipped")

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from symat_jax import cli, input_pipeline, run, train
+from symat_jax import cli, configs, input_pipeline, run, train
 from symat_jax.checkpoints import RunCheckpoints
 from symat_jax.input_pipeline import epoch_batches
 
@@ -179,6 +179,24 @@ def test_the_score_network_can_come_from_another_kept_checkpoint(full_run, tmp_p
                      "--langevin-steps", "2", "--no-band", "--score-checkpoint", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["checkpoint_epoch"], summary["score_epoch"]) == (4, 2)
+
+
+def test_keep_epochs_survive_the_latest_n_and_reading_a_run_adds_no_folder(tmp_path):
+    ckpt = RunCheckpoints(tmp_path / "run", keep=1, keep_epochs=(2,))
+    for epoch in range(4):
+        ckpt.save(epoch, {"w": np.full(3, epoch, np.float32)}, {"epoch": epoch}, is_best=False)
+    ckpt.close()
+    reader = RunCheckpoints(tmp_path / "run")
+    assert reader.latest.all_steps() == [3] and reader.kept_steps() == [1, 3]
+    restored, meta = reader.restore_raw(epoch=1)
+    assert meta["epoch"] == 1 and np.all(restored["w"] == 1)
+    with pytest.raises(FileNotFoundError, match="kept epochs: 2, 4"):
+        reader.restore_raw(epoch=0)
+    reader.close()
+    RunCheckpoints(tmp_path / "other", keep=1).close()
+    assert not (tmp_path / "other" / "kept").exists()
+    config = dataclasses.replace(configs.get_config("carbon_24"), keep_epochs=(40,))
+    assert configs.TrainConfig.from_dict(json.loads(config.to_json())) == config
 
 
 def test_the_weight_average_follows_the_parameters_and_older_checkpoints_gain_one(full_run, tiny_config, tiny_data,
