@@ -162,7 +162,9 @@ class TrainConfig:
 # validation loss but sampled worse (lr_schedule="cosine" keeps it available).
 # `--batch-size 256 --epochs 150 --ema-decay 0.99` restores the earlier setting.
 TRAINING_DEPARTURES: dict[str, dict[str, Any]] = {
-    "carbon_24": dict(batch_size=32, epochs=80, ema_decay=0.999),
+    # Epoch 40 is kept for its score network: sampled with the epoch-80 decoders it bonds 98% of generated atoms
+    # 3-4-fold (epoch 80's own: 65%) at lower coverage (BENCHMARKS.md, session 12; `symat sample --score-checkpoint 40`).
+    "carbon_24": dict(batch_size=32, epochs=80, ema_decay=0.999, keep_epochs=(40,)),
 }
 
 
