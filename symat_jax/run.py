@@ -239,6 +239,9 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best", weights: str
     meta["score_epoch"] = int(meta["epoch"]) + 1
     if score_checkpoint is not None:
         other, other_meta = _restore_state(workdir, checkpoint_choice(str(score_checkpoint)))
+        if has_ema and other.get("ema_params") is None:
+            raise ValueError(f"the checkpoint of epoch {int(other_meta['epoch']) + 1} holds no EMA weights; "
+                             "sample with `--weights raw` to take its score network")
         source = other["ema_params" if has_ema else "params"]
         params = {**params, "params": {**params["params"], **{k: source["params"][k] for k in SCORE_MODULES}}}
         meta["score_epoch"] = int(other_meta["epoch"]) + 1
