@@ -11,6 +11,7 @@ pymatgen nor the data files, so it runs as a batch job on an accelerator;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
@@ -55,7 +56,14 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # The score network from an earlier checkpoint of the run (which must be kept), the rest from the latest.
     "default_score40": ("default", "latest", dict(score_checkpoint="40")),
     "default_score60": ("default", "latest", dict(score_checkpoint="60")),
+    # `default` runs a second chain for Carbon-24 crystals with an atom not 3- or 4-fold within 1.8 A, with the
+    # score network of epoch 40 (configs.DEFAULT_SAMPLER_BY_DATASET); without it, and with the same network.
+    "default_noretry": ("default", "latest", dict(retry_coordination=())),
+    "default_retry_same": ("default", "latest", dict(retry_coordination=(3, 4), retry_checkpoint="latest")),
 }
+# Variants whose first chain is another variant's chain (same preset, checkpoint, weights and sampler settings):
+# reused where that variant is sampled.
+FIRST_PASS_OF = {"default": "default_noretry", "default_retry_same": "default_noretry"}
 
 
 def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, num: int, batch_size: int,
@@ -65,11 +73,24 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
     overrides = dict(overrides)
     weights = overrides.pop("weights", configs.sampler_weights(preset))
     config, statics, params, meta = run.load_run(workdir, checkpoint, weights, overrides.pop("score_checkpoint", None))
+    retry_checkpoint = overrides.pop("retry_checkpoint", None)
     cfg = configs.get_sampler_config(config.dataset, preset, **overrides)
+    retry_params, retry_epoch = run.load_retry_params(workdir, run.LoadedRun(config, statics, params, meta), cfg,
+                                                      preset, checkpoint, weights, retry_checkpoint)
     prior = run.load_prior(workdir) if cfg.prior == "fitted" else None
+    key = jax.random.PRNGKey(seed)
+    kwargs = dict(statics=statics, model=config.model, cfg=cfg, batch_size=batch_size)
     t0 = time.perf_counter()
-    result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
-                             batch_size=batch_size, bucket_multiple=bucket_multiple, prior=prior, progress=True)
+    base = out.parent / FIRST_PASS_OF.get(name, "")
+    first = (_first_pass(base, sampling.decode_samples(params, key, num, prior=prior, **kwargs), seed, batch_size)
+             if name in FIRST_PASS_OF and cfg.retry_coordination is not None else None)
+    if first is not None:
+        log.info("%s: the first chain from %s", name, base)
+        result = sampling.retry_unbonded(params if retry_params is None else retry_params, jax.random.fold_in(key, 1), first,
+                                         bucket_multiple=bucket_multiple, **kwargs)
+    else:
+        result = sampling.sample(params, key, num, bucket_multiple=bucket_multiple, prior=prior, progress=True,
+                                 retry_params=retry_params, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", **result.to_cdvae())
     (out / "rejects.json").write_text(json.dumps(result.rejects, indent=1))
@@ -79,10 +100,32 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
         "neighbor_overflow": int(result.overflow.sum()), "compile_seconds": round(result.compile_seconds, 2),
         "run_seconds": round(result.run_seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
         "device": jax.devices()[0].device_kind,
+        "retry": result.retry_summary(retry_epoch),
+        "first_pass_from": str(base) if first is not None else None,
         "sampler": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _first_pass(folder: pathlib.Path, decoded: sampling.SampleResult, seed: int,
+                batch_size: int) -> sampling.SampleResult | None:
+    """Return ``decoded`` with the coordinates another variant's chain gave the same crystals, or None if it has not run."""
+    if not (folder / "summary.json").exists():
+        return None
+    summary = json.loads((folder / "summary.json").read_text())
+    with np.load(folder / "samples.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    same = (summary.get("num_requested") == len(decoded.index) + len(decoded.rejects)
+            and np.array_equal(arrays["sample_index"], decoded.index)
+            and np.array_equal(arrays["atom_types"], np.concatenate(decoded.atom_types))
+            and np.allclose(arrays["lengths"], decoded.lengths))
+    if not same:
+        raise ValueError(f"{folder} holds other crystals than seed {seed}, batch size {batch_size} decodes: "
+                         "sample this variant in a new --root")
+    starts = np.concatenate([[0], np.cumsum(arrays["num_atoms"])])
+    frac = [arrays["frac_coords"][a:b] for a, b in zip(starts[:-1], starts[1:])]
+    return dataclasses.replace(decoded, frac_coords=frac)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

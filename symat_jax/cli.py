@@ -240,6 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="take the score network from this kept checkpoint (the decoders from --checkpoint)")
     p.add_argument("--weights", choices=("raw", "ema"), default=None,
                    help="trained parameters or their moving average (default: the preset's choice)")
+    p.add_argument("--retry-coordination", type=non_negative_int, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="run the chain again for crystals with an atom whose neighbours within --retry-cutoff "
+                        "are fewer than LOW or more than HIGH (carbon: 3 4)")
+    p.add_argument("--no-retry", dest="retry_coordination", action="store_const", const=(),
+                   help="no second chain (drops the preset's retry)")
+    p.add_argument("--retry-cutoff", type=positive_float, default=None, help="bond cut-off of the retry (A; default 1.8)")
+    p.add_argument("--retry-score-checkpoint", type=checkpoint_choice, default=None,
+                   help="the retry chain's score network from this kept checkpoint (default: the sampling one)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p = sub.add_parser("fit-prior", help="fit the latent prior of a trained run to its encoded training set")
     _add_data_args(p)
@@ -281,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run_sample(
                 args.workdir, args.num, args.out, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
                 checkpoint=args.checkpoint, weights=args.weights, score_checkpoint=args.score_checkpoint,
+                retry_checkpoint=args.retry_score_checkpoint, retry_coordination=args.retry_coordination,
+                retry_cutoff=args.retry_cutoff,
                 overwrite=args.overwrite, num_levels=args.levels,
                 steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
                 prior=args.prior, band=None if args.band is None else tuple(args.band), band_steps=args.band_steps,

@@ -7,28 +7,14 @@ material. These statistics compare generated sets with the data.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
 
 from symat_jax.crystal_sets import CrystalSet
-from symat_jax.geometry import lattice_matrix_np
+from symat_jax.geometry import lattice_matrix_np, neighbor_distances
 
 BOND_CUTOFF = 1.8  # A: a C-C bond (graphite 1.42, diamond 1.54, carbon-24 test split 1.37-1.52)
-
-
-def neighbor_distances(frac: np.ndarray, lattice: np.ndarray, cutoff: float) -> list[np.ndarray]:
-    """Return, per atom, the sorted distances to every periodic neighbour (other atoms and own images) within ``cutoff``."""
-    inv_heights = np.linalg.norm(np.linalg.inv(lattice), axis=0)  # 1 / interplanar spacing
-    reach = np.ceil(cutoff * inv_heights).astype(int) + 1
-    shifts = np.array(list(itertools.product(*(range(-r, r + 1) for r in reach))), float)  # [s, 3]
-    # The image range below covers pairs whose fractional offsets lie within one cell: wrap first, so an atom
-    # given in another periodic image (frac outside [0, 1)) finds the same neighbours.
-    cart = np.mod(np.asarray(frac, np.float64), 1.0) @ lattice  # [n, 3]
-    vec = cart[:, None, None, :] - cart[None, :, None, :] - (shifts @ lattice)[None, None]  # [n, n, s, 3]
-    d = np.linalg.norm(vec, axis=-1).reshape(len(frac), -1)
-    return [np.sort(row[(row > 1e-6) & (row <= cutoff)]) for row in d]
 
 
 def crystal_coordination(crystals: CrystalSet, cutoff: float = BOND_CUTOFF,

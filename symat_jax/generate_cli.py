@@ -15,7 +15,11 @@ from pymatgen.io.cif import CifWriter
 from symat_jax import configs, sampling
 from symat_jax.data.canonical import to_structure
 from symat_jax.files import check_folder_path
-from symat_jax.run import load_prior, load_run
+from symat_jax.run import load_prior, load_retry_params, load_run
+
+
+# The crystals as the first chain left them, beside samples.npz when a retry ran (SamplerConfig.retry_coordination).
+FIRST_PASS_FILE = "first_pass.npz"
 
 
 def write_samples(result: sampling.SampleResult, out: str | pathlib.Path, cif: bool = True) -> pathlib.Path:
@@ -23,6 +27,8 @@ def write_samples(result: sampling.SampleResult, out: str | pathlib.Path, cif: b
     out = pathlib.Path(out)
     (out / "cif").mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", **result.to_cdvae())
+    if result.first_frac_coords is not None:
+        np.savez(out / FIRST_PASS_FILE, **result.to_cdvae(first_pass=True))
     if cif:
         for k, i in enumerate(result.index):
             s = to_structure(result.atom_types[k], result.lengths[k], result.angles[k], result.frac_coords[k])
@@ -49,6 +55,7 @@ def run_sample(
     checkpoint: str | None = None,
     weights: str | None = None,
     score_checkpoint: str | None = None,
+    retry_checkpoint: str | None = None,
     overwrite: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -57,18 +64,21 @@ def run_sample(
     ``preset`` names a sampler preset (:func:`symat_jax.configs.get_sampler_config`);
     ``overrides`` replace its fields (``None`` values are ignored). ``checkpoint``
     (best or latest) and ``weights`` (raw or ema) default to the preset's choice; ``score_checkpoint`` takes
-    the score network from another kept checkpoint (:func:`symat_jax.run.load_run`). A non-empty ``out`` is
+    the score network from another kept checkpoint (:func:`symat_jax.run.load_run`); ``retry_checkpoint`` the
+    retry chain's score network (``retry_coordination``; default: the sampling one). A non-empty ``out`` is
     refused before any work (outputs of two runs never mix) unless
     ``overwrite``, which clears it once the new samples exist.
     """
     check_output_folder(out, overwrite)
-    config, statics, params, meta = load_run(workdir, checkpoint or configs.sampler_checkpoint(preset),
-                                             weights or configs.sampler_weights(preset), score_checkpoint)
+    ckpt, weights = checkpoint or configs.sampler_checkpoint(preset), weights or configs.sampler_weights(preset)
+    loaded = load_run(workdir, ckpt, weights, score_checkpoint)
+    config, statics, params, meta = loaded
     cfg = configs.get_sampler_config(config.dataset, preset, **{k: v for k, v in overrides.items() if v is not None})
+    retry_params, retry_epoch = load_retry_params(workdir, loaded, cfg, preset, ckpt, weights, retry_checkpoint)
     prior = load_prior(workdir) if cfg.prior == "fitted" else None
     t0 = time.perf_counter()
     result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
-                             batch_size=batch_size, prior=prior)
+                             batch_size=batch_size, prior=prior, retry_params=retry_params)
     if overwrite and pathlib.Path(out).exists():
         shutil.rmtree(out)
     write_samples(result, out)
@@ -87,6 +97,7 @@ def run_sample(
         "run_seconds": round(result.run_seconds, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
         "padded_atom_share": round(result.padded_atom_share, 4),
+        "retry": result.retry_summary(retry_epoch),
         "atom_count_histogram": {int(n): int(c) for n, c in enumerate(counts) if c},
         "sampler": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }

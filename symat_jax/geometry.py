@@ -7,6 +7,7 @@ vectors as rows, so ``cart = frac @ lattice``. Angles are in degrees.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -89,6 +90,19 @@ def lattice_matrix_np(lengths: np.ndarray, angles: np.ndarray) -> np.ndarray:
     gamma_star = np.arccos(np.clip((ca * cb - cg) / (sa * sb), -1.0, 1.0))
     return np.array([[a * sb, 0.0, a * cb], [-b * sa * np.cos(gamma_star), b * sa * np.sin(gamma_star), b * ca],
                      [0.0, 0.0, c]])
+
+
+def neighbor_distances(frac: np.ndarray, lattice: np.ndarray, cutoff: float) -> list[np.ndarray]:
+    """Return, per atom, the sorted distances to every periodic neighbour (other atoms and own images) within ``cutoff``."""
+    inv_heights = np.linalg.norm(np.linalg.inv(lattice), axis=0)  # 1 / interplanar spacing
+    reach = np.ceil(cutoff * inv_heights).astype(int) + 1
+    shifts = np.array(list(itertools.product(*(range(-r, r + 1) for r in reach))), float)  # [s, 3]
+    # The image range below covers pairs whose fractional offsets lie within one cell: wrap first, so an atom
+    # given in another periodic image (frac outside [0, 1)) finds the same neighbours.
+    cart = np.mod(np.asarray(frac, np.float64), 1.0) @ lattice  # [n, 3]
+    vec = cart[:, None, None, :] - cart[None, :, None, :] - (shifts @ lattice)[None, None]  # [n, n, s, 3]
+    d = np.linalg.norm(vec, axis=-1).reshape(len(frac), -1)
+    return [np.sort(row[(row > 1e-6) & (row <= cutoff)]) for row in d]
 
 
 def volume_factor(angles_deg: np.ndarray) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from typing import Any, NamedTuple
@@ -31,6 +32,8 @@ from symat_jax.files import read_json, write_text_atomic
 from symat_jax.configs import TrainConfig
 from symat_jax.model import SCORE_MODULES
 from symat_jax.prior import MixturePrior
+
+log = logging.getLogger(__name__)
 
 Array = jax.Array
 
@@ -246,6 +249,34 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best", weights: str
         params = {**params, "params": {**params["params"], **{k: source["params"][k] for k in SCORE_MODULES}}}
         meta["score_epoch"] = int(other_meta["epoch"]) + 1
     return LoadedRun(config, statics, params, meta)
+
+
+def load_retry_params(workdir: str | pathlib.Path, loaded: LoadedRun, cfg: Any, preset: str, checkpoint: str,
+                      weights: str, retry_checkpoint: str | None = None) -> tuple[Any | None, int]:
+    """Return ``(parameters of the retry chain or None for the sampling ones, its score network's epoch)``.
+
+    ``retry_checkpoint`` names the kept epoch whose score network the retry
+    uses; without it, the preset's choice (``configs.sampler_retry_checkpoint``),
+    and the sampling network where the run does not keep that epoch (a warning).
+    """
+    from symat_jax import configs
+
+    epoch = loaded.meta["score_epoch"]
+    if retry_checkpoint is not None and cfg.retry_coordination is None:
+        raise ValueError("a retry score checkpoint needs a retry: set retry_coordination (--retry-coordination)")
+    choice = configs.sampler_retry_checkpoint(loaded.config.dataset, preset) if cfg.retry_coordination else None
+    if retry_checkpoint is None and choice is None:
+        return None, epoch
+    try:
+        retry = load_run(workdir, checkpoint, weights, retry_checkpoint or choice)
+    except FileNotFoundError:
+        if retry_checkpoint is not None:
+            raise
+        # A run trained before epochs were kept: the retry still helps, with the sampling network.
+        log.warning("%s keeps no epoch %s: the retry chain uses the sampling score network (epoch %s)",
+                    workdir, choice, epoch)
+        return None, epoch
+    return retry.params, retry.meta["score_epoch"]
 
 
 def load_prior(workdir: str | pathlib.Path) -> MixturePrior:

@@ -406,16 +406,38 @@ class SampleResult:
     compile_seconds: float
     run_seconds: float
     padded_atom_share: float
+    z_pos: np.ndarray | None = None  # [accepted, latent_pos] the position latent each chain was run with
+    # The retry (SamplerConfig.retry_coordination): which crystals ran a second chain, which kept its result, and
+    # every accepted crystal's coordinates after the first chain (None without a retry).
+    retried: np.ndarray | None = None
+    replaced: np.ndarray | None = None
+    first_frac_coords: list[np.ndarray] | None = None
+    retry_seconds: float = 0.0
 
-    def to_cdvae(self) -> dict[str, np.ndarray]:
-        """Return the accepted crystals in CDVAE's ``samples.npz`` layout (concatenated over crystals)."""
+    def retry_summary(self, score_epoch: int | None = None) -> dict[str, Any] | None:
+        """Return what the retry did (crystals retried, replaced, its network's epoch, seconds), or None without one."""
+        if self.retried is None or self.replaced is None:
+            return None
+        return {"retried": int(self.retried.sum()), "replaced": int(self.replaced.sum()), "score_epoch": score_epoch,
+                "seconds": round(self.retry_seconds, 2)}
+
+    def to_cdvae(self, first_pass: bool = False) -> dict[str, np.ndarray]:
+        """Return the accepted crystals in CDVAE's ``samples.npz`` layout (concatenated over crystals).
+
+        ``first_pass``: their coordinates after the first chain, before the retry replaced any.
+        """
+        frac = self.frac_coords
+        if first_pass:
+            if self.first_frac_coords is None:
+                raise ValueError("these samples ran no retry: there is no first pass apart from them")
+            frac = self.first_frac_coords
         num = np.array([len(t) for t in self.atom_types], np.int64)
         return {
             "num_atoms": num,
             "atom_types": np.concatenate(self.atom_types) if self.atom_types else np.zeros(0, np.int64),
             "lengths": self.lengths,
             "angles": self.angles,
-            "frac_coords": np.concatenate(self.frac_coords) if self.frac_coords else np.zeros((0, 3)),
+            "frac_coords": np.concatenate(frac) if frac else np.zeros((0, 3)),
             "sample_index": self.index,
         }
 
@@ -461,19 +483,48 @@ def sample(
     bucket_multiple: int = 4,
     progress: bool = True,
     prior: MixturePrior | None = None,
+    retry_params: Any | None = None,
 ) -> SampleResult:
     """Return ``num`` crystals sampled in size buckets and chunks of ``batch_size``; rejects are listed, never dropped.
 
     The same ``key`` gives the same crystals. Crystals are grouped by atom
     count into buckets (multiples of ``bucket_multiple``) and padded only to
     their bucket; a bucket's chunks are padded to one shape so each bucket
-    compiles once. Compile and run times are reported separately.
+    compiles once. Compile and run times are reported separately. With
+    ``cfg.retry_coordination``, :func:`retry_unbonded` follows with
+    ``retry_params`` (default: ``params``).
     """
+    result = decode_samples(params, key, num, statics=statics, model=model, cfg=cfg, batch_size=batch_size, prior=prior)
+    kx = jax.random.split(key, 3)[2]
+    chains = _run_chains(params, kx, result, np.arange(len(result.atom_types)), statics=statics, model=model, cfg=cfg,
+                         batch_size=batch_size, bucket_multiple=bucket_multiple, progress=progress, desc="sampling")
+    result = dataclasses.replace(result, frac_coords=chains.frac_coords, overflow=chains.overflow,
+                                 compile_seconds=chains.compile_seconds, run_seconds=chains.run_seconds,
+                                 padded_atom_share=chains.padded_atom_share)
+    if cfg.retry_coordination is not None:
+        result = retry_unbonded(params if retry_params is None else retry_params, jax.random.fold_in(key, 1), result,
+                                statics=statics, model=model, cfg=cfg, batch_size=batch_size,
+                                bucket_multiple=bucket_multiple, progress=progress)
+    return result
+
+
+def decode_samples(
+    params: Any,
+    key: Array,
+    num: int,
+    *,
+    statics: RunStatics,
+    model: ModelConfig,
+    cfg: SamplerConfig,
+    batch_size: int = 256,
+    prior: MixturePrior | None = None,
+) -> SampleResult:
+    """Return :func:`sample`'s decoded crystals for the same arguments: types, cells, latents and rejects, no coordinates yet."""
     # A setting the run cannot sample is refused before any work, whatever the decoded crystals turn out to be.
     levels = level_schedule(model, cfg, np.asarray(statics.score_norm))[0]
     level_steps(model, cfg, levels)
     restart_start(model, cfg, levels)
-    kz, kd, kx = jax.random.split(key, 3)
+    kz, kd, _ = jax.random.split(key, 3)
     decode = _jitted_decode(model, cfg, statics)
     parts = []
     for start in range(0, num, batch_size):
@@ -484,39 +535,75 @@ def sample(
 
     rejects: list[dict[str, Any]] = []
     ok = np.ones(num, bool)
-    lattices = np.zeros((num, 3, 3))
     for i in range(num):
         reason = _reject_reason(int(n[i]), lengths[i], angles[i], model.max_atoms)
-        if reason is None:
-            lattices[i] = np.asarray(geometry.lattice_matrix(lengths[i], angles[i]))
-        else:
+        if reason is not None:
             ok[i] = False
             rejects.append({"index": i, "reason": reason, "num_atoms": int(n[i]),
                             "lengths": lengths[i].tolist(), "angles": angles[i].tolist()})
+    accepted = np.flatnonzero(ok)
+    return SampleResult(
+        atom_types=[types[i, : n[i]].astype(np.int64) for i in accepted],
+        lengths=lengths[accepted],
+        angles=angles[accepted],
+        frac_coords=[],
+        index=accepted,
+        rejects=rejects,
+        overflow=np.zeros(len(accepted), bool),
+        compile_seconds=0.0,
+        run_seconds=0.0,
+        padded_atom_share=0.0,
+        z_pos=z_pos[accepted],
+    )
 
+
+class _Chains(NamedTuple):
+    """Coordinates after the chain of every accepted crystal that ran (others empty), overflow flags and timings."""
+
+    frac_coords: list[np.ndarray]
+    overflow: np.ndarray
+    compile_seconds: float
+    run_seconds: float
+    padded_atom_share: float
+
+
+def _run_chains(params: Any, key: Array, result: SampleResult, rows: np.ndarray, *, statics: RunStatics,
+                model: ModelConfig, cfg: SamplerConfig, batch_size: int, bucket_multiple: int, progress: bool,
+                desc: str) -> _Chains:
+    """Return the Langevin chains of ``result``'s crystals ``rows`` (accepted-crystal positions), run in size buckets."""
+    count = len(result.atom_types)
+    n = np.array([len(t) for t in result.atom_types], np.int64)
     sizes = bucket_sizes(model.max_atoms, bucket_multiple)
     bucket_of = np.searchsorted(sizes, n)  # smallest bucket holding n atoms
-    frac_out: dict[int, np.ndarray] = {}
-    overflow = np.zeros(num, bool)
+    chosen = np.zeros(count, bool)
+    chosen[rows] = True
+    types = np.zeros((count, model.max_atoms), np.int64)
+    for i, t in enumerate(result.atom_types):
+        types[i, : len(t)] = t
+    lattices = np.zeros((count, 3, 3))
+    for i in rows:
+        lattices[i] = np.asarray(geometry.lattice_matrix(result.lengths[i], result.angles[i]))
+    frac_out: list[np.ndarray] = [np.zeros((0, 3)) for _ in range(count)]
+    overflow = np.zeros(count, bool)
     compile_s = run_s = 0.0
     real_atoms = padded_atoms = 0
-    bar = tqdm(total=int(ok.sum()), desc="sampling", unit="crystal", disable=not progress)
+    bar = tqdm(total=int(chosen.sum()), desc=desc, unit="crystal", disable=not progress)
     for bi, size in enumerate(sizes):
-        members = np.flatnonzero(ok & (bucket_of == bi))
+        members = np.flatnonzero(chosen & (bucket_of == bi))
         if not len(members):
             continue
-        rows = min(batch_size, -(-len(members) // 8) * 8)  # one chunk shape per bucket
+        chunk = min(batch_size, -(-len(members) // 8) * 8)  # one chunk shape per bucket
         images = required_image_range(lattices[members], model.score_cutoff)
-        for start in range(0, len(members), rows):
-            idx = members[start : start + rows]
-            sel = np.concatenate([idx, np.repeat(idx[:1], rows - len(idx))])  # pad rows with a copy
+        for start in range(0, len(members), chunk):
+            idx = members[start : start + chunk]
+            sel = np.concatenate([idx, np.repeat(idx[:1], chunk - len(idx))])  # pad rows with a copy
             args = (
                 params,
-                jax.random.fold_in(kx, int(idx[0])),
+                jax.random.fold_in(key, int(result.index[idx[0]])),  # the chunk's first sample index
                 jnp.asarray(types[sel, :size]),
                 jnp.asarray(types[sel, :size] > 0),
                 jnp.asarray(lattices[sel], jnp.float32),
-                jnp.asarray(z_pos[sel]),
+                jnp.asarray(result.z_pos[sel]),
             )
             fn, seconds = _compiled_langevin(model, cfg, statics, images, args)
             compile_s += seconds
@@ -528,21 +615,65 @@ def sample(
                 frac_out[int(i)] = frac[row, : n[i]]
                 overflow[i] = bool(ovf[row])
             real_atoms += int(n[idx].sum())
-            padded_atoms += rows * size
+            padded_atoms += chunk * size
             bar.update(len(idx))
     bar.close()
-    accepted = np.flatnonzero(ok)
-    return SampleResult(
-        atom_types=[types[i, : n[i]].astype(np.int64) for i in accepted],
-        lengths=lengths[accepted],
-        angles=angles[accepted],
-        frac_coords=[frac_out[int(i)] for i in accepted],
-        index=accepted,
-        rejects=rejects,
-        overflow=overflow[accepted],
-        compile_seconds=compile_s,
-        run_seconds=run_s,
-        padded_atom_share=1.0 - real_atoms / max(padded_atoms, 1),
+    return _Chains(frac_out, overflow, compile_s, run_s, 1.0 - real_atoms / max(padded_atoms, 1))
+
+
+def coordination_in_range(frac: np.ndarray, lengths: np.ndarray, angles: np.ndarray, cutoff: float,
+                          low: int, high: int) -> float:
+    """Return the share of a crystal's atoms with ``low`` to ``high`` neighbours within ``cutoff`` (A; host-side)."""
+    lattice = geometry.lattice_matrix_np(lengths, angles)
+    counts = np.array([len(r) for r in geometry.neighbor_distances(frac, lattice, cutoff)])
+    return float(np.mean((counts >= low) & (counts <= high))) if len(counts) else 1.0
+
+
+def retry_unbonded(
+    params: Any,
+    key: Array,
+    result: SampleResult,
+    *,
+    statics: RunStatics,
+    model: ModelConfig,
+    cfg: SamplerConfig,
+    batch_size: int = 256,
+    bucket_multiple: int = 4,
+    progress: bool = True,
+) -> SampleResult:
+    """Return ``result`` after a second chain (with ``params``) for its crystals with atoms outside ``cfg.retry_coordination``.
+
+    Same latent, same cell, new noise; a crystal keeps the second chain's
+    coordinates when more of its atoms have a neighbour count in range
+    (``cfg.retry_cutoff``). ``result`` needs its ``z_pos``; the returned copy
+    records ``retried``, ``replaced`` and the first chain's coordinates.
+    """
+    if cfg.retry_coordination is None:
+        raise ValueError("cfg.retry_coordination is None: no coordination to retry for")
+    if result.z_pos is None or len(result.z_pos) != len(result.atom_types):
+        raise ValueError("retry_unbonded needs the position latent of every accepted crystal (SampleResult.z_pos)")
+    low, high = cfg.retry_coordination
+    in_range = lambda frac: np.array([coordination_in_range(f, a, b, cfg.retry_cutoff, low, high)  # noqa: E731
+                                      for f, a, b in zip(frac, result.lengths, result.angles)])
+    first = in_range(result.frac_coords)
+    rows = np.flatnonzero(first < 1.0)
+    t0 = time.perf_counter()
+    chains = _run_chains(params, key, result, rows, statics=statics, model=model, cfg=cfg, batch_size=batch_size,
+                         bucket_multiple=bucket_multiple, progress=progress, desc="retry")
+    retried = np.zeros(len(first), bool)
+    retried[rows] = True
+    second = in_range([chains.frac_coords[i] if retried[i] else f for i, f in enumerate(result.frac_coords)])
+    replaced = retried & (second > first)
+    return dataclasses.replace(
+        result,
+        frac_coords=[chains.frac_coords[i] if replaced[i] else f for i, f in enumerate(result.frac_coords)],
+        overflow=np.where(replaced, chains.overflow, result.overflow),
+        compile_seconds=result.compile_seconds + chains.compile_seconds,
+        run_seconds=result.run_seconds + chains.run_seconds,
+        retried=retried,
+        replaced=replaced,
+        first_frac_coords=list(result.frac_coords),
+        retry_seconds=time.perf_counter() - t0,
     )
 
 

@@ -187,3 +187,28 @@ def test_quality_study_scores_the_data_ceiling_beside_the_variants(data_root, tm
     assert cli.main(["evaluate", "--samples", train_csv, "--dataset", "carbon_24", "--data-root", str(root),
                      "--subsample", "21"]) == 2
     assert "holds 20 crystals" in capsys.readouterr().err
+
+
+def test_a_retry_variant_reuses_the_first_chain_of_its_base_variant(full_run, tmp_path, monkeypatch):
+    from experiments import quality_sample
+    from symat_jax.crystal_sets import CrystalSet
+
+    workdir, _ = full_run
+    short = dict(num_levels=2, steps_per_level=2, band=None)
+    monkeypatch.setitem(quality_sample.VARIANTS, "default_noretry", ("default", "latest", dict(short, retry_coordination=())))
+    # No atom has 30 neighbours within 1.8 A: every crystal is retried, and no second chain does better, so
+    # every crystal keeps its first chain: the base variant's.
+    monkeypatch.setitem(quality_sample.VARIANTS, "default", (
+        "default", "latest", dict(short, retry_coordination=(30, 40), retry_checkpoint="2")))
+    args = ["--workdir", str(workdir), "--root", str(tmp_path), "--num", "6", "--batch-size", "6"]
+    assert quality_sample.main(args + ["--variants", "default_noretry", "default"]) == 0
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert summary["first_pass_from"] == str(tmp_path / "default_noretry")
+    assert (summary["retry"]["retried"], summary["retry"]["replaced"], summary["retry"]["score_epoch"]) == (6, 0, 2)
+    base, retried = (CrystalSet.from_samples(tmp_path / v) for v in ("default_noretry", "default"))
+    assert base.digest() == retried.digest()
+    # A base sampled for another request is refused, not mixed in.
+    (tmp_path / "default" / "summary.json").unlink()
+    with pytest.raises(ValueError, match="other crystals"):
+        quality_sample.main(["--workdir", str(workdir), "--root", str(tmp_path), "--num", "5", "--batch-size", "6",
+                             "--variants", "default"])

@@ -151,3 +151,53 @@ def test_written_cifs_parse_back_to_the_same_crystals(params, tmp_path):  # noqa
         d = s.frac_coords - res.frac_coords[k]
         np.testing.assert_allclose(d - np.round(d), 0, atol=1e-5)  # same sites up to lattice translations
         np.testing.assert_allclose(saved["frac_coords"][starts[k] : starts[k + 1]], res.frac_coords[k])
+
+
+def _pymatgen_in_range(types, lengths, angles, frac, cutoff, low, high) -> float:
+    """Return the share of atoms with low..high neighbours within cutoff, counted by pymatgen (the slow reference)."""
+    from pymatgen.core import Lattice
+
+    s = Structure(Lattice.from_parameters(*lengths, *angles), [int(t) for t in types], frac)
+    counts = np.array([len(n) for n in s.get_all_neighbors(cutoff)])
+    return float(np.mean((counts >= low) & (counts <= high)))
+
+
+def test_retry_reruns_exactly_the_crystals_with_atoms_out_of_range_and_keeps_the_better_chain(params):  # noqa: F811
+    mean, std = np.array([1.7, 1.7, 1.7, 90.0, 90.0, 90.0]), np.array([0.1, 0.1, 0.1, 5.0, 5.0, 5.0])
+    p = _biased(params, 1, 4)
+    other = jax.tree_util.tree_map(lambda x: x, p)  # another score network: its head's weights flipped
+    other["params"]["score_head"] = jax.tree_util.tree_map(lambda x: -x, other["params"]["score_head"])
+    kw = dict(statics=_statics(mean, std), model=CONFIG, batch_size=8, progress=False)
+    plain = sampling.sample(p, jax.random.PRNGKey(8), 12, cfg=FEW, **kw)
+    cutoff, low, high = 2.6, 11, 16  # the 2.7 A cells of 4 atoms hold 8-18 neighbours within 2.6 A
+    cfg = dataclasses.replace(FEW, retry_coordination=[low, high], retry_cutoff=cutoff)
+    assert cfg.retry_coordination == (low, high)  # a list from JSON becomes the hashable tuple
+    res = sampling.sample(p, jax.random.PRNGKey(8), 12, cfg=cfg, retry_params=other, **kw)
+    # The first chain is the plain sampler's, crystal for crystal; the retry ran for exactly the crystals pymatgen
+    # finds an atom out of range in.
+    first = [_pymatgen_in_range(t, a, b, f, cutoff, low, high)
+             for t, a, b, f in zip(plain.atom_types, plain.lengths, plain.angles, plain.frac_coords)]
+    for a, b in zip(res.first_frac_coords, plain.frac_coords):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(res.retried, np.array(first) < 1.0)
+    assert 0 < res.retried.sum() < 12 and res.replaced.any(), first  # every branch below is taken
+    final = [_pymatgen_in_range(t, a, b, f, cutoff, low, high)
+             for t, a, b, f in zip(res.atom_types, res.lengths, res.angles, res.frac_coords)]
+    for i in range(12):
+        if res.replaced[i]:
+            assert res.retried[i] and final[i] > first[i] and not np.allclose(res.frac_coords[i], plain.frac_coords[i])
+        else:
+            np.testing.assert_array_equal(res.frac_coords[i], plain.frac_coords[i])
+    summary = res.retry_summary(2)
+    assert (summary["retried"], summary["replaced"], summary["score_epoch"]) == (res.retried.sum(), res.replaced.sum(), 2)
+    np.testing.assert_array_equal(res.to_cdvae(first_pass=True)["frac_coords"], plain.to_cdvae()["frac_coords"])
+    with pytest.raises(ValueError, match="no first pass"):
+        plain.to_cdvae(first_pass=True)
+
+
+def test_retry_settings_are_checked_and_no_retry_is_none():
+    assert SamplerConfig(retry_coordination=()).retry_coordination is None
+    with pytest.raises(ValueError, match="0 <= low <= high"):
+        SamplerConfig(retry_coordination=(4, 3))
+    with pytest.raises(ValueError, match="retry_cutoff"):
+        SamplerConfig(retry_coordination=(3, 4), retry_cutoff=0.0)

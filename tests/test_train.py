@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 
 import jax
@@ -462,3 +463,30 @@ def test_score_latent_mean_gives_the_score_network_the_posterior_mean(full_run, 
         coords[latent] = (drawn, mean)
     assert coords["mean"][0] == pytest.approx(coords["mean"][1], rel=1e-6)
     assert coords["sample"][0] != pytest.approx(coords["sample"][1], rel=1e-3)
+
+
+def test_the_retry_chain_takes_the_preset_s_kept_epoch_or_says_it_uses_the_sampling_network(full_run, caplog):
+    from symat_jax.model import SCORE_MODULES
+
+    workdir, _ = full_run
+    loaded = run.load_run(workdir, "latest", "ema")
+    assert loaded.config.dataset == "carbon_24"
+    cfg = configs.get_sampler_config("carbon_24", "default")
+    assert cfg.retry_coordination == (3, 4) and configs.sampler_retry_checkpoint("carbon_24", "default") == "40"
+    # The tiny run keeps epochs 2-4, not the preset's 40: the sampling network, with a warning naming the epoch.
+    with caplog.at_level(logging.WARNING):
+        assert run.load_retry_params(workdir, loaded, cfg, "default", "latest", "ema") == (None, 4)
+    assert "keeps no epoch 40" in caplog.text
+    params, epoch = run.load_retry_params(workdir, loaded, cfg, "default", "latest", "ema", retry_checkpoint="2")
+    early = run.load_run(workdir, "2", "ema")
+    assert epoch == 2
+    np.testing.assert_array_equal(jax.tree_util.tree_leaves(params["params"][SCORE_MODULES[1]])[0],
+                                  jax.tree_util.tree_leaves(early.params["params"][SCORE_MODULES[1]])[0])
+    with pytest.raises(FileNotFoundError, match="kept epochs"):  # asked for by name: no silent fallback
+        run.load_retry_params(workdir, loaded, cfg, "default", "latest", "ema", retry_checkpoint="1")
+    no_retry = dataclasses.replace(cfg, retry_coordination=None)
+    assert run.load_retry_params(workdir, loaded, no_retry, "default", "latest", "ema") == (None, 4)
+    with pytest.raises(ValueError, match="needs a retry"):
+        run.load_retry_params(workdir, loaded, no_retry, "default", "latest", "ema", retry_checkpoint="2")
+    assert configs.get_sampler_config("perov_5", "default").retry_coordination is None
+    assert configs.get_sampler_config("carbon_24", "paper").retry_coordination is None
