@@ -212,3 +212,24 @@ def test_a_retry_variant_reuses_the_first_chain_of_its_base_variant(full_run, tm
     with pytest.raises(ValueError, match="other crystals"):
         quality_sample.main(["--workdir", str(workdir), "--root", str(tmp_path), "--num", "5", "--batch-size", "6",
                              "--variants", "default"])
+
+
+def test_two_score_chain_switches_networks_at_the_first_level_below_the_switch(full_run, tmp_path, monkeypatch, capsys):
+    from experiments import two_score_chain
+    from symat_jax import configs
+    from symat_jax.crystal_sets import CrystalSet
+
+    workdir, _ = full_run
+    monkeypatch.setitem(configs.DEFAULT_SAMPLER, "band_steps", 2)
+    monkeypatch.setitem(configs.DEFAULT_SAMPLER, "steps_per_level", 2)
+    out = tmp_path / "two"
+    assert two_score_chain.main(["--workdir", str(workdir), "--low", "2", "--switch", "0.1", "--num", "4",
+                                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["high_epoch"], summary["low_epoch"]) == (4, 2)
+    assert 0.054 < summary["switch_sigma"] <= 0.1  # the first of the schedule's levels at or below 0.1 A
+    crystals = CrystalSet.from_samples(out)
+    assert len(crystals) == summary["num_written"] == 4 - summary["num_rejected"]
+    assert np.all((crystals.frac_coords > -1) & (crystals.frac_coords < 1))
+    with pytest.raises(ValueError, match="no level on one side"):
+        two_score_chain.main(["--workdir", str(workdir), "--low", "2", "--switch", "100", "--out", str(tmp_path / "x")])
