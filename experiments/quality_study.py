@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments.quality_sample import VARIANTS, sample_variant
-from symat_jax.coordination import coordination_by_density, local_structure
+from symat_jax import metrics
+from symat_jax.coordination import coordination_by_density, crystal_coordination, local_structure
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data import load_split, registry
 from symat_jax.evaluate_cli import load_generated, run_evaluate
@@ -42,6 +43,10 @@ COLUMNS = [("struct_validity", "struct. valid %", 100), ("comp_validity", "comp.
            ("num_atoms_emd", "# atoms EMD", 1), ("property_emd", "property EMD", 1),
            ("share_3_or_4", "3-4-fold atoms %", 100), ("share_isolated", "isolated atoms %", 100),
            ("seconds_per_crystal", "s / crystal", 1)]
+# Which generated crystals COV-P counts: those with every atom 3-4-fold, and the others (within the CDVAE cut-offs).
+BONDING_COLUMNS = [("share_bonded_crystals", "crystals with every atom 3-4-fold %", 100),
+                   ("match_rate_bonded", "of those, near a test crystal %", 100),
+                   ("match_rate_unbonded", "of the others, near a test crystal %", 100)]
 
 # Datasets whose bonds the local-structure columns describe: coordination counts neighbours within 1.8 A, a
 # carbon-carbon bond (data: 100% of Carbon-24 atoms 3- or 4-fold); other chemistries leave those columns empty.
@@ -60,12 +65,28 @@ def score_variant(folder: pathlib.Path, dataset: str, data_root: str | None, pro
     summary = json.loads((folder / "summary.json").read_text())
     if dataset in BONDED_DATASETS:
         report.update({k: v for k, v in local_structure(gen).items() if k != "nn_distances"})
+        report.update(precision_by_bonding(gen, test, dataset, data_root))
     report["seconds_per_crystal"] = summary["run_seconds"] / max(summary["num_requested"], 1)
     report["sampling_device"] = summary.get("device")
     report["atoms_per_cell"] = np.bincount(gen.num_atoms, minlength=25).tolist()
     report["density_quantiles"] = np.nanquantile(gen.densities(), [0.05, 0.25, 0.5, 0.75, 0.95]).tolist() if len(gen) else []
     path.write_text(json.dumps(report, indent=1))
     return report
+
+
+def precision_by_bonding(gen: CrystalSet, test: CrystalSet, dataset: str, data_root: str | None) -> dict[str, Any]:
+    """Return the share of generated crystals with every atom 3- or 4-fold, and the COV-P match rate among them and among the rest."""
+    scaler = metrics.CompScaler.from_json(registry.resolve_data_root(data_root) / "comp_scaler.json")
+    scores = metrics.score_crystals(gen, progress=False)
+    d = metrics.nearest_distances(scores, metrics.score_crystals(test, progress=False), scaler)
+    s_cut, c_cut = metrics.COV_CUTOFFS["cdvae"][dataset]
+    matched = np.zeros(len(gen), bool)
+    if d is not None:
+        matched[scores.has_fingerprint] = (d.precision_struct <= s_cut) & (d.precision_comp <= c_cut)
+    bonded = np.array([c is not None and bool(np.all((c[0] >= 3) & (c[0] <= 4))) for c in crystal_coordination(gen)])
+    rate = lambda sel: float(matched[sel].mean()) if sel.any() else None  # noqa: E731
+    return {"share_bonded_crystals": float(bonded.mean()) if len(gen) else None,
+            "match_rate_bonded": rate(bonded), "match_rate_unbonded": rate(~bonded)}
 
 
 def score_ceiling(folder: pathlib.Path, dataset: str, data_root: str | None, property_model: str | None,
@@ -90,13 +111,13 @@ def score_ceiling(folder: pathlib.Path, dataset: str, data_root: str | None, pro
     return report
 
 
-def table(rows: dict[str, dict[str, Any]], data_row: dict[str, Any]) -> str:
+def table(rows: dict[str, dict[str, Any]], data_row: dict[str, Any], columns: list = COLUMNS) -> str:
     """Return the markdown table of every scored variant (and the test split's own local structure)."""
-    head = "| variant | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    head = "| variant | " + " | ".join(c[1] for c in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
     for name, r in [("test split (data)", data_row)] + list(rows.items()):
         cells = []
-        for key, _, scale in COLUMNS:
+        for key, _, scale in columns:
             v = r.get(key)
             cells.append("" if v is None else f"{v * scale:.2f}" if scale == 100 else f"{v:.4g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -202,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = table(rows, data_row)
     if bonded:
         text += "\n3-4-fold atoms % by density (share of crystals in the bin):\n\n" + density_table(rows, data_row)
+        text += "\nCOV-P's matches by bonding (CDVAE cut-offs):\n\n" + table(rows, {}, BONDING_COLUMNS)
     (root / "results.md").write_text(text)
     (root / "results.json").write_text(json.dumps({"rows": rows, "data": data_row}, indent=1))
     plots(root, rows, test, folders)

@@ -179,6 +179,10 @@ def test_quality_study_scores_the_data_ceiling_beside_the_variants(data_root, tm
     # 8 of the 20 test crystals drawn: each is its own nearest test crystal, and covers at least itself.
     assert ceiling["num_samples"] == 8 and ceiling["cov_precision"] == 1.0 and ceiling["cov_recall"] >= 8 / 20
     assert ceiling["share_3_or_4"] > 0.99 and ceiling["subsample"] == 8
+    # The 'generated' crystals are test crystals: fully bonded, and each its own match.
+    sampled = result["rows"]["default"]
+    assert sampled["share_bonded_crystals"] == 1.0 and sampled["match_rate_bonded"] == 1.0
+    assert sampled["match_rate_unbonded"] is None and "near a test crystal" in (tmp_path / "study" / "results.md").read_text()
     assert "data ceiling" in capsys.readouterr().out
     # The same seed draws the same crystals; more than the split holds is refused, naming the count.
     train_csv = str(root / "carbon_24" / "train.csv")
