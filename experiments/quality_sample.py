@@ -86,6 +86,8 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
              if name in FIRST_PASS_OF and cfg.retry_coordination is not None else None)
     if first is not None:
         log.info("%s: the first chain from %s", name, base)
+        # Its time counts: the variant's cost per crystal is both chains'.
+        first = dataclasses.replace(first, run_seconds=json.loads((base / "summary.json").read_text())["run_seconds"])
         result = sampling.retry_unbonded(params if retry_params is None else retry_params, jax.random.fold_in(key, 1), first,
                                          bucket_multiple=bucket_multiple, **kwargs)
     else:

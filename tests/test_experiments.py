@@ -209,6 +209,8 @@ def test_a_retry_variant_reuses_the_first_chain_of_its_base_variant(full_run, tm
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
     assert summary["first_pass_from"] == str(tmp_path / "default_noretry")
     assert (summary["retry"]["retried"], summary["retry"]["replaced"], summary["retry"]["score_epoch"]) == (6, 0, 2)
+    base_seconds = json.loads((tmp_path / "default_noretry" / "summary.json").read_text())["run_seconds"]
+    assert summary["run_seconds"] > base_seconds  # both chains' time
     base, retried = (CrystalSet.from_samples(tmp_path / v) for v in ("default_noretry", "default"))
     assert base.digest() == retried.digest()
     # A base sampled for another request is refused, not mixed in.
