@@ -370,6 +370,8 @@ def generate(
     """Return ``num`` generated crystals, all padded to ``max_atoms`` (jittable: ``num`` and the configs static).
 
     ``prior`` (an array pytree, not static) is the run's fitted mixture, used when ``cfg.prior == "fitted"``.
+    One chain per crystal: ``cfg.retry_coordination`` counts neighbours on the
+    host, so the retry runs in :func:`sample` (or :func:`retry_unbonded`), not here.
     """
     kz, kd, kx = jax.random.split(key, 3)
     z = sample_latents(kz, num, model, cfg, prior)
