@@ -182,6 +182,7 @@ def test_quality_study_scores_the_data_ceiling_beside_the_variants(data_root, tm
     # The 'generated' crystals are test crystals: fully bonded, and each its own match.
     sampled = result["rows"]["default"]
     assert sampled["share_bonded_crystals"] == 1.0 and sampled["match_rate_bonded"] == 1.0
+    assert sampled["nearest_struct_median_bonded"] == pytest.approx(0.0, abs=1e-9)
     assert sampled["match_rate_unbonded"] is None and "near a test crystal" in (tmp_path / "study" / "results.md").read_text()
     assert "data ceiling" in capsys.readouterr().out
     # The same seed draws the same crystals; more than the split holds is refused, naming the count.
