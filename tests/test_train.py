@@ -177,9 +177,14 @@ def test_the_score_network_can_come_from_another_kept_checkpoint(full_run, tmp_p
         run.load_run(workdir, "latest", "ema", score_checkpoint="1")
     out = tmp_path / "mixed"
     assert cli.main(["sample", "--workdir", str(workdir), "--num", "2", "--out", str(out), "--levels", "2",
-                     "--langevin-steps", "2", "--no-band", "--score-checkpoint", "2"]) == 0
+                     "--langevin-steps", "2", "--no-band", "--score-checkpoint", "2", "--retry-score-checkpoint", "3"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["checkpoint_epoch"], summary["score_epoch"]) == (4, 2)
+    # Carbon-24's default retries crystals with atoms not 3-4-fold; the tiny run's are: epoch 3's network reran them.
+    assert summary["retry"]["score_epoch"] == 3 and summary["retry"]["retried"] >= 1
+    with np.load(out / "first_pass.npz") as first, np.load(out / "samples.npz") as final:
+        np.testing.assert_array_equal(first["atom_types"], final["atom_types"])
+        assert first["frac_coords"].shape == final["frac_coords"].shape
 
 
 def test_keep_epochs_survive_the_latest_n_and_reading_a_run_adds_no_folder(tmp_path):
