@@ -657,17 +657,17 @@ def retry_unbonded(
     if result.z_pos is None or len(result.z_pos) != len(result.atom_types):
         raise ValueError("retry_unbonded needs the position latent of every accepted crystal (SampleResult.z_pos)")
     low, high = cfg.retry_coordination
-    in_range = lambda frac: np.array([coordination_in_range(f, a, b, cfg.retry_cutoff, low, high)  # noqa: E731
-                                      for f, a, b in zip(frac, result.lengths, result.angles)])
-    first = in_range(result.frac_coords)
+    in_range = lambda i, frac: coordination_in_range(frac, result.lengths[i], result.angles[i],  # noqa: E731
+                                                     cfg.retry_cutoff, low, high)
+    first = np.array([in_range(i, f) for i, f in enumerate(result.frac_coords)])
     rows = np.flatnonzero(first < 1.0)
     t0 = time.perf_counter()
     chains = _run_chains(params, key, result, rows, statics=statics, model=model, cfg=cfg, batch_size=batch_size,
                          bucket_multiple=bucket_multiple, progress=progress, desc="retry")
     retried = np.zeros(len(first), bool)
     retried[rows] = True
-    second = in_range([chains.frac_coords[i] if retried[i] else f for i, f in enumerate(result.frac_coords)])
-    replaced = retried & (second > first)
+    replaced = np.zeros(len(first), bool)
+    replaced[rows] = [in_range(i, chains.frac_coords[i]) > first[i] for i in rows]  # only the retried need counting
     return dataclasses.replace(
         result,
         frac_coords=[chains.frac_coords[i] if replaced[i] else f for i, f in enumerate(result.frac_coords)],
