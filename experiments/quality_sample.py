@@ -86,8 +86,6 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
              if name in FIRST_PASS_OF and cfg.retry_coordination is not None else None)
     if first is not None:
         log.info("%s: the first chain from %s", name, base)
-        # Its time counts: the variant's cost per crystal is both chains'.
-        first = dataclasses.replace(first, run_seconds=json.loads((base / "summary.json").read_text())["run_seconds"])
         result = sampling.retry_unbonded(params if retry_params is None else retry_params, jax.random.fold_in(key, 1), first,
                                          bucket_multiple=bucket_multiple, **kwargs)
     else:
@@ -112,7 +110,7 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
 
 def _first_pass(folder: pathlib.Path, decoded: sampling.SampleResult, seed: int,
                 batch_size: int) -> sampling.SampleResult | None:
-    """Return ``decoded`` with the coordinates another variant's chain gave the same crystals, or None if it has not run."""
+    """Return ``decoded`` with the coordinates (and run time) another variant's chain gave the same crystals, or None if it has not run."""
     if not (folder / "summary.json").exists():
         return None
     summary = json.loads((folder / "summary.json").read_text())
@@ -127,7 +125,8 @@ def _first_pass(folder: pathlib.Path, decoded: sampling.SampleResult, seed: int,
                          "sample this variant in a new --root")
     starts = np.concatenate([[0], np.cumsum(arrays["num_atoms"])])
     frac = [arrays["frac_coords"][a:b] for a, b in zip(starts[:-1], starts[1:])]
-    return dataclasses.replace(decoded, frac_coords=frac)
+    # Its time counts: a variant that reuses the chain costs both chains' time per crystal.
+    return dataclasses.replace(decoded, frac_coords=frac, run_seconds=float(summary["run_seconds"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
