@@ -65,8 +65,9 @@ def score_variant(folder: pathlib.Path, dataset: str, data_root: str | None, pro
     gen = CrystalSet.from_samples(folder)
     summary = json.loads((folder / "summary.json").read_text())
     if dataset in BONDED_DATASETS:
-        report.update({k: v for k, v in local_structure(gen).items() if k != "nn_distances"})
-        report.update(precision_by_bonding(gen, test, dataset, data_root))
+        coordination = crystal_coordination(gen)  # once, for both
+        report.update({k: v for k, v in local_structure(gen, coordination=coordination).items() if k != "nn_distances"})
+        report.update(precision_by_bonding(gen, coordination, test, dataset, data_root))
     report["seconds_per_crystal"] = summary["run_seconds"] / max(summary["num_requested"], 1)
     report["sampling_device"] = summary.get("device")
     report["atoms_per_cell"] = np.bincount(gen.num_atoms, minlength=25).tolist()
@@ -75,8 +76,12 @@ def score_variant(folder: pathlib.Path, dataset: str, data_root: str | None, pro
     return report
 
 
-def precision_by_bonding(gen: CrystalSet, test: CrystalSet, dataset: str, data_root: str | None) -> dict[str, Any]:
-    """Return the share of generated crystals with every atom 3- or 4-fold, and the COV-P match rate among them and among the rest."""
+def precision_by_bonding(gen: CrystalSet, coordination: list, test: CrystalSet, dataset: str,
+                         data_root: str | None) -> dict[str, Any]:
+    """Return the share of generated crystals with every atom 3- or 4-fold, and the COV-P match rate among them and among the rest.
+
+    ``coordination``: :func:`crystal_coordination` of ``gen``.
+    """
     scaler = metrics.CompScaler.from_json(registry.resolve_data_root(data_root) / "comp_scaler.json")
     scores = metrics.score_crystals(gen, progress=False)
     d = metrics.nearest_distances(scores, metrics.score_crystals(test, progress=False), scaler)
@@ -86,8 +91,7 @@ def precision_by_bonding(gen: CrystalSet, test: CrystalSet, dataset: str, data_r
     if d is not None:
         matched[scores.has_fingerprint] = (d.precision_struct <= s_cut) & (d.precision_comp <= c_cut)
         nearest[scores.has_fingerprint] = d.precision_struct
-    bonded = np.array([c is not None and bool(np.all((c[0] >= 3) & (c[0] <= 4))) for c in crystal_coordination(gen)],
-                      bool)
+    bonded = np.array([c is not None and bool(np.all((c[0] >= 3) & (c[0] <= 4))) for c in coordination], bool)
     rate = lambda sel: float(matched[sel].mean()) if sel.any() else None  # noqa: E731
     # How far the bonded crystals miss: near the cut-off, a sharper end could reach it; far, it is the structure.
     median = float(np.median(nearest[bonded])) if bonded.any() else None

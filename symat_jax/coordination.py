@@ -33,14 +33,19 @@ def crystal_coordination(crystals: CrystalSet, cutoff: float = BOND_CUTOFF,
     return out
 
 
-def local_structure(crystals: CrystalSet, cutoff: float = BOND_CUTOFF, nn_cutoff: float = 4.0) -> dict[str, Any]:
+def local_structure(crystals: CrystalSet, cutoff: float = BOND_CUTOFF, nn_cutoff: float = 4.0,
+                    coordination: list[tuple[np.ndarray, np.ndarray] | None] | None = None) -> dict[str, Any]:
     """Return per-atom coordination within ``cutoff`` (share of atoms with 0..6+ neighbours) and nearest-neighbour distances.
 
     ``coordination_share[k]``: share of all atoms with exactly k neighbours
     within ``cutoff`` (the last entry: k or more); ``nn_distance``: each
     atom's nearest neighbour (within ``nn_cutoff``; inf beyond).
+    ``coordination``: :func:`crystal_coordination` of ``crystals`` at the same
+    cut-offs, when the caller has it already.
     """
-    kept = [c for c in crystal_coordination(crystals, cutoff, nn_cutoff) if c is not None]
+    if coordination is None:
+        coordination = crystal_coordination(crystals, cutoff, nn_cutoff)
+    kept = [c for c in coordination if c is not None]
     coord_arr = np.concatenate([c for c, _ in kept]) if kept else np.zeros(0, int)
     nn_arr = np.concatenate([d for _, d in kept]) if kept else np.zeros(0)
     share = np.bincount(np.minimum(coord_arr, 6), minlength=7) / max(len(coord_arr), 1)
