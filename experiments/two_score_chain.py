@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from symat_jax import configs, geometry, run, sampling, score
+from symat_jax import configs, geometry, input_pipeline, run, sampling, score
 from symat_jax.coordination import local_structure
 
 from experiments.common import dense_crystal_set
@@ -58,12 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = jax.random.PRNGKey(args.seed)
     dec = sampling.decode_samples(params, key, args.num, statics=statics, model=model, cfg=cfg, batch_size=args.num,
                                   prior=prior)
-    n = model.max_atoms
-    types = np.zeros((len(dec.atom_types), n), np.int32)
-    for i, t in enumerate(dec.atom_types):
-        types[i, : len(t)] = t
-    types, z_pos = jnp.asarray(types), jnp.asarray(dec.z_pos)
-    mask = types > 0
+    atoms = np.concatenate(dec.atom_types)
+    types, _, mask = input_pipeline.pad_atoms([len(t) for t in dec.atom_types], atoms, np.zeros((len(atoms), 3)),
+                                              model.max_atoms)
+    types, mask, z_pos = jnp.asarray(types), jnp.asarray(mask), jnp.asarray(dec.z_pos)
     lattice = jax.vmap(geometry.lattice_matrix)(jnp.asarray(dec.lengths), jnp.asarray(dec.angles))
     kx, ky = jax.random.split(jax.random.fold_in(key, 2))
     # Above the switch: the levels above it at their own step counts (they lie above the band), traced.
