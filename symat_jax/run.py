@@ -29,7 +29,7 @@ import numpy as np
 
 from symat_jax.checkpoints import DamagedCheckpointError, RunCheckpoints
 from symat_jax.files import read_json, write_text_atomic
-from symat_jax.configs import TrainConfig
+from symat_jax.configs import TrainConfig, sampler_retry_checkpoint
 from symat_jax.model import SCORE_MODULES
 from symat_jax.prior import MixturePrior
 
@@ -259,12 +259,10 @@ def load_retry_params(workdir: str | pathlib.Path, loaded: LoadedRun, cfg: Any, 
     uses; without it, the preset's choice (``configs.sampler_retry_checkpoint``),
     and the sampling network where the run does not keep that epoch (a warning).
     """
-    from symat_jax import configs
-
     epoch = loaded.meta["score_epoch"]
     if retry_checkpoint is not None and cfg.retry_coordination is None:
         raise ValueError("a retry score checkpoint needs a retry: set retry_coordination (--retry-coordination)")
-    choice = configs.sampler_retry_checkpoint(loaded.config.dataset, preset) if cfg.retry_coordination else None
+    choice = sampler_retry_checkpoint(loaded.config.dataset, preset) if cfg.retry_coordination else None
     if retry_checkpoint is None and choice is None:
         return None, epoch
     try:
