@@ -1,0 +1,303 @@
+"""Force-field relaxation of generated carbon crystals: Tersoff's bond-order potential and FIRE, in JAX.
+
+Generated crystals leave the chain with bonds of the right topology but with
+positions about 0.1 A off (BENCHMARKS.md, session 7), and CDVAE's structure
+fingerprint needs them to about 0.05 A. A chemist relaxes such candidates in a
+force field before judging them; this module does that for carbon with
+Tersoff's 1988 potential (Phys. Rev. Lett. 61, 2879: diamond 3.566 A,
+-7.37 eV/atom), at fixed cell or under a pressure with the cell free
+(Carbon-24 was relaxed at 10 GPa). A relaxation is a separate stage after
+sampling: what was sampled is kept beside what was relaxed.
+
+Every array function works on one padded crystal (``vmap`` for a batch);
+:func:`relax_crystals` is the host-side entry point on a :class:`CrystalSet`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from symat_jax import geometry, neighbors
+from symat_jax.crystal_sets import CrystalSet
+
+Array = jax.Array
+
+GPA_IN_EV_PER_A3 = 1.0 / 160.21766208  # 1 GPa in eV / A^3
+
+
+class TersoffParams(NamedTuple):
+    """One element's Tersoff parameters (LAMMPS "metal" units: eV, A): pair terms A, B, lam1, lam2; bond order beta, n, c, d, h; cut-off R +- D."""
+
+    A: float
+    B: float
+    lam1: float
+    lam2: float
+    beta: float
+    n: float
+    c: float
+    d: float
+    h: float
+    R: float
+    D: float
+
+
+# Tersoff, Phys. Rev. Lett. 61, 2879 (1988); cut-off 1.8-2.1 A.
+CARBON = TersoffParams(A=1393.6, B=346.74, lam1=3.4879, lam2=2.2119, beta=1.5724e-7, n=0.72751,
+                       c=38049.0, d=4.3484, h=-0.57058, R=1.95, D=0.15)
+CARBON_Z = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaxConfig:
+    """How to relax: FIRE steps, the force (eV/A) at which a crystal counts as relaxed, the cell, the pressure (GPa).
+
+    ``cell``: ``"fixed"`` keeps each generated lattice (positions only);
+    ``"free"`` relaxes the lattice too, at ``pressure`` (Carbon-24's crystals
+    were relaxed at 10 GPa). ``max_step`` (A) caps any atom's move per step.
+    """
+
+    steps: int = 1000
+    fmax: float = 0.01
+    cell: str = "fixed"
+    pressure: float = 0.0
+    max_step: float = 0.1
+    max_neighbors: int = 16
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot describe a relaxation."""
+        if self.cell not in ("fixed", "free"):
+            raise ValueError(f"cell must be 'fixed' or 'free', got {self.cell!r}")
+        if self.steps < 1 or not self.fmax > 0 or not self.max_step > 0 or self.max_neighbors < 1:
+            raise ValueError(f"steps, fmax, max_step and max_neighbors must be positive, got {self}")
+        if not math.isfinite(self.pressure):
+            raise ValueError(f"pressure must be finite, got {self.pressure}")
+
+
+def _cutoff_fn(r: Array, p: TersoffParams) -> Array:
+    """Return Tersoff's smooth cut-off f_C(r): 1 below R - D, 0 beyond R + D."""
+    x = jnp.clip((r - p.R) / p.D, -1.0, 1.0)
+    return 0.5 - 0.5 * jnp.sin(0.5 * jnp.pi * x)
+
+
+def _angle_fn(cos: Array, p: TersoffParams) -> Array:
+    """Return g(theta) = 1 + c^2/d^2 - c^2/(d^2 + (cos - h)^2), written without the cancelling large terms."""
+    x = (cos - p.h) ** 2
+    return 1.0 + p.c**2 * x / (p.d**2 * (p.d**2 + x))
+
+
+def tersoff_energy(positions: Array, lattice: Array, atom_mask: Array, *, max_images: tuple[int, int, int],
+                   params: TersoffParams = CARBON, max_neighbors: int = 16) -> tuple[Array, Array]:
+    """Return ``(energy in eV, overflow)`` of one padded periodic crystal under Tersoff's potential.
+
+    ``overflow`` is True when an atom has more than ``max_neighbors``
+    neighbours within R + D or the image range is too small: the energy then
+    misses terms and the caller must not trust it.
+    """
+    p = params
+    nl = neighbors.periodic_neighbors(positions, lattice, atom_mask, cutoff=p.R + p.D,
+                                      max_neighbors=max_neighbors, max_images=max_images)
+    mask = nl.mask
+    r = jnp.where(mask, nl.distances, 1.0)
+    fc = jnp.where(mask, _cutoff_fn(r, p), 0.0)  # [n, k]
+    unit = nl.vectors / r[..., None]
+    cos = jnp.einsum("nkx,nlx->nkl", unit, unit)  # angle j-i-k between slots k (j) and l (k)
+    k = mask.shape[-1]
+    others = mask[:, None, :] & ~jnp.eye(k, dtype=bool)[None]
+    zeta = jnp.sum(jnp.where(others, fc[:, None, :] * _angle_fn(cos, p), 0.0), axis=-1)  # [n, k]
+    # (beta zeta)^n has an infinite slope at zeta = 0 (n < 1); an atom with one neighbour has zeta = 0.
+    bz = p.beta * zeta
+    safe = jnp.where(bz > 0, bz, 1.0)
+    term = jnp.where(bz > 0, safe ** p.n, 0.0)
+    bond_order = (1.0 + term) ** (-0.5 / p.n)
+    pair = fc * (p.A * jnp.exp(-p.lam1 * r) - bond_order * p.B * jnp.exp(-p.lam2 * r))
+    return 0.5 * jnp.sum(jnp.where(mask, pair, 0.0)), nl.overflow
+
+
+class FireState(NamedTuple):
+    """FIRE's state for one crystal: positions in the starting cell's frame, cell strain, their velocities, step, mixing, counter."""
+
+    u: Array
+    strain: Array
+    vu: Array
+    vs: Array
+    dt: Array
+    alpha: Array
+    since_negative: Array
+
+
+class RelaxTrace(NamedTuple):
+    """What a relaxation ends with per crystal: positions, lattice, energy (eV), largest residual force (eV/A), steps, overflow."""
+
+    positions: Array
+    lattice: Array
+    energy: Array
+    fmax: Array
+    steps: Array
+    overflow: Array
+
+
+# FIRE (Bitzek et al., Phys. Rev. Lett. 97, 170201 (2006)), with its published defaults.
+_DT0, _DT_MAX, _N_MIN, _F_INC, _F_DEC, _ALPHA0, _F_ALPHA = 0.1, 1.0, 5, 1.1, 0.5, 0.1, 0.99
+
+
+def relax_one(positions: Array, lattice: Array, atom_mask: Array, *, cfg: RelaxConfig,
+              max_images: tuple[int, int, int], params: TersoffParams = CARBON) -> RelaxTrace:
+    """Return the relaxed crystal: FIRE on the enthalpy E + P V, positions only or positions and cell (``cfg.cell``)."""
+    n_atoms = jnp.maximum(jnp.sum(atom_mask), 1).astype(positions.dtype)
+    free = cfg.cell == "free"
+    pressure = cfg.pressure * GPA_IN_EV_PER_A3
+    eye = jnp.eye(3, dtype=positions.dtype)
+    m = atom_mask[:, None]
+
+    def deform(u: Array, strain: Array) -> tuple[Array, Array]:
+        # Strain is scaled by the atom count (ASE's cell filter does the same) so that
+        # the cell's forces are comparable with an atom's.
+        f = eye + strain / n_atoms
+        return u @ f, lattice @ f
+
+    def enthalpy(u: Array, strain: Array) -> tuple[Array, Array]:
+        x, lat = deform(u, strain)
+        e, overflow = tersoff_energy(x, lat, atom_mask, max_images=max_images, params=params,
+                                     max_neighbors=cfg.max_neighbors)
+        return e + pressure * jnp.abs(jnp.linalg.det(lat)), (e, overflow)
+
+    grad = jax.grad(enthalpy, argnums=(0, 1), has_aux=True)
+
+    def forces(state: FireState) -> tuple[Array, Array, Array, Array]:
+        (gu, gs), (e, overflow) = grad(state.u, state.strain)
+        fu = jnp.where(m, -gu, 0.0)
+        # A symmetric strain: rotations of the cell change nothing and must not drift.
+        fs = -0.5 * (gs + gs.T) if free else jnp.zeros_like(gs)
+        return fu, fs, e, overflow
+
+    def residual(fu: Array, fs: Array) -> Array:
+        return jnp.maximum(jnp.max(jnp.linalg.norm(fu, axis=-1)), jnp.max(jnp.abs(fs)))
+
+    def step(carry, _):
+        state, fu, fs, done, taken = carry
+        # Velocity Verlet with unit masses, mixed towards the force (FIRE).
+        vu = state.vu + state.dt * fu
+        vs = state.vs + state.dt * fs
+        power = jnp.sum(fu * vu) + jnp.sum(fs * vs)
+        fnorm = jnp.sqrt(jnp.sum(fu**2) + jnp.sum(fs**2))
+        vnorm = jnp.sqrt(jnp.sum(vu**2) + jnp.sum(vs**2))
+        scale = state.alpha * vnorm / jnp.maximum(fnorm, 1e-12)
+        vu = (1 - state.alpha) * vu + scale * fu
+        vs = (1 - state.alpha) * vs + scale * fs
+        uphill = power <= 0
+        grow = (~uphill) & (state.since_negative > _N_MIN)
+        dt = jnp.where(uphill, state.dt * _F_DEC, jnp.where(grow, jnp.minimum(state.dt * _F_INC, _DT_MAX), state.dt))
+        alpha = jnp.where(uphill, _ALPHA0, jnp.where(grow, state.alpha * _F_ALPHA, state.alpha))
+        since = jnp.where(uphill, 0, state.since_negative + 1)
+        vu = jnp.where(uphill, 0.0, vu)
+        vs = jnp.where(uphill, 0.0, vs)
+        du = dt * vu
+        ds = dt * vs
+        # No atom (and no strain component, in the same units) moves more than max_step per step.
+        longest = jnp.maximum(jnp.max(jnp.linalg.norm(du, axis=-1)), jnp.max(jnp.abs(ds)))
+        shrink = jnp.minimum(1.0, cfg.max_step / jnp.maximum(longest, 1e-12))
+        moved = FireState(state.u + jnp.where(m, du * shrink, 0.0), state.strain + ds * shrink, vu, vs, dt, alpha, since)
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), state, moved)
+        nfu, nfs, _, _ = forces(new)
+        nfu = jnp.where(done, fu, nfu)
+        nfs = jnp.where(done, fs, nfs)
+        taken = taken + jnp.where(done, 0, 1)
+        done = done | (residual(nfu, nfs) < cfg.fmax)
+        return (new, nfu, nfs, done, taken), None
+
+    zeros_s = jnp.zeros((3, 3), positions.dtype)
+    state = FireState(jnp.where(m, positions, 0.0), zeros_s, jnp.zeros_like(positions), zeros_s,
+                      jnp.asarray(_DT0, positions.dtype), jnp.asarray(_ALPHA0, positions.dtype), jnp.asarray(0))
+    fu, fs, _, _ = forces(state)
+    done = residual(fu, fs) < cfg.fmax
+    (state, fu, fs, _, taken), _ = jax.lax.scan(step, (state, fu, fs, done, jnp.asarray(0)), None, length=cfg.steps)
+    x, lat = deform(state.u, state.strain)
+    energy, overflow = tersoff_energy(x, lat, atom_mask, max_images=max_images, params=params,
+                                      max_neighbors=cfg.max_neighbors)
+    return RelaxTrace(x, lat, energy, residual(fu, fs), taken, overflow)
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_images"))
+def relax_batch(positions: Array, lattice: Array, atom_mask: Array, *, cfg: RelaxConfig,
+                max_images: tuple[int, int, int]) -> RelaxTrace:
+    """Return :func:`relax_one` over a batch ``[b, n, 3]`` of padded carbon crystals."""
+    return jax.vmap(lambda x, lat, msk: relax_one(x, lat, msk, cfg=cfg, max_images=max_images))(
+        positions, lattice, atom_mask)
+
+
+class Relaxed(NamedTuple):
+    """A relaxed crystal set and per crystal: energy per atom (eV), residual force (eV/A), FIRE steps, converged, kept.
+
+    ``kept`` is False where the relaxation could not be trusted (neighbour
+    overflow, a non-finite result, a collapsed cell): that crystal is returned
+    as it came in.
+    """
+
+    crystals: CrystalSet
+    energy_per_atom: np.ndarray
+    fmax: np.ndarray
+    steps: np.ndarray
+    converged: np.ndarray
+    kept: np.ndarray
+
+
+def relax_crystals(crystals: CrystalSet, cfg: RelaxConfig = RelaxConfig(), batch_size: int = 256,
+                   progress: bool = True) -> Relaxed:
+    """Return ``crystals`` relaxed under Tersoff's carbon potential (host side; crystals with any atom not carbon are refused)."""
+    other = np.unique(crystals.atom_types[crystals.atom_types != CARBON_Z])
+    if other.size:
+        raise ValueError(f"the Tersoff relaxation knows carbon only; the crystals hold atomic numbers {other.tolist()}")
+    from tqdm.auto import tqdm
+
+    c = len(crystals)
+    n_max = int(crystals.num_atoms.max(initial=1))
+    dense = crystals.dense(n_max)
+    lattice = np.asarray(geometry.lattice_matrix(dense["lengths"], dense["angles"]), np.float32)
+    frac = dense["frac_coords"].astype(np.float64)
+    mask = dense["atom_mask"]
+    cart = np.einsum("bnx,bxy->bny", frac, lattice).astype(np.float32)
+    # The cell may shrink while it relaxes: search images for a cut-off with room to spare.
+    search = (CARBON.R + CARBON.D) * (1.5 if cfg.cell == "free" else 1.0)
+    out_frac = frac.copy()
+    lengths, angles = crystals.lengths.astype(np.float64), crystals.angles.astype(np.float64)
+    energy = np.full(c, np.nan)
+    fmax = np.full(c, np.nan)
+    steps = np.zeros(c, np.int64)
+    kept = np.zeros(c, bool)
+    for start in tqdm(range(0, c, batch_size), desc="relax", unit="batch", disable=not progress):
+        rows = np.arange(start, min(start + batch_size, c))
+        pad = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])]) if c > batch_size else rows
+        images = neighbors.required_image_range(lattice[pad], search)
+        trace = jax.device_get(relax_batch(jnp.asarray(cart[pad]), jnp.asarray(lattice[pad]), jnp.asarray(mask[pad]),
+                                           cfg=cfg, max_images=images))
+        t = slice(0, len(rows))
+        lat = np.asarray(trace.lattice[t], np.float64)
+        vol = np.abs(np.linalg.det(lat))
+        n_atoms = crystals.num_atoms[rows]
+        ok = (~np.asarray(trace.overflow[t]) & np.isfinite(np.asarray(trace.energy[t]))
+              & np.all(np.isfinite(trace.positions[t]), axis=(1, 2)) & (vol > 3.0 * n_atoms))
+        new_frac = np.einsum("bny,byx->bnx", np.asarray(trace.positions[t], np.float64), np.linalg.inv(lat))
+        new_frac = new_frac - np.floor(new_frac)
+        out_frac[rows] = new_frac
+        # An untrusted row keeps its own numbers exactly (no float32 round trip).
+        new_lengths, new_angles = (np.asarray(a, np.float64) for a in geometry.lattice_params(lat))
+        lengths[rows] = np.where(ok[:, None], new_lengths, lengths[rows])
+        angles[rows] = np.where(ok[:, None], new_angles, angles[rows])
+        energy[rows] = np.asarray(trace.energy[t]) / n_atoms
+        fmax[rows] = trace.fmax[t]
+        steps[rows] = trace.steps[t]
+        kept[rows] = ok
+    # An untrusted row keeps its own coordinates exactly (no float32 round trip).
+    atom_kept = np.repeat(kept, crystals.num_atoms)
+    frac_out = np.where(atom_kept[:, None], out_frac[mask], crystals.frac_coords)
+    relaxed = CrystalSet(crystals.num_atoms.copy(), crystals.atom_types.copy(), frac_out, lengths, angles,
+                         crystals.num_rejected)
+    converged = kept & (fmax < cfg.fmax)
+    return Relaxed(relaxed, np.where(kept, energy, np.nan), fmax, steps, converged, kept)

@@ -1,0 +1,184 @@
+"""Tersoff energy and FIRE relaxation: known values of carbon, a loop reference, invariances, recovery of a crystal."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from symat_jax import geometry, relax
+from symat_jax.crystal_sets import CrystalSet
+
+
+def diamond(a: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return (frac [8, 3], lattice [3, 3]) of the conventional diamond cell."""
+    base = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
+    return np.concatenate([base, base + 0.25]) % 1.0, a * np.eye(3)
+
+
+def energy(frac: np.ndarray, lattice: np.ndarray, images: int = 2, **kw) -> float:
+    """Return the project's Tersoff energy (eV) of an unpadded crystal."""
+    e, overflow = relax.tersoff_energy(jnp.asarray(frac @ lattice, jnp.float32), jnp.asarray(lattice, jnp.float32),
+                                       jnp.ones(len(frac), bool), max_images=(images,) * 3, **kw)
+    assert not bool(overflow)
+    return float(e)
+
+
+def loop_energy(frac: np.ndarray, lattice: np.ndarray, p: relax.TersoffParams = relax.CARBON) -> float:
+    """Return Tersoff's energy written as the paper's sums over atoms and images, in float64 (slow reference)."""
+    cart = frac @ lattice
+    cut = p.R + p.D
+    neigh = []  # per atom: vectors to every neighbour image within the cut-off
+    for i in range(len(cart)):
+        vs = []
+        for j in range(len(cart)):
+            for o in itertools.product(range(-3, 4), repeat=3):
+                v = cart[j] + np.asarray(o) @ lattice - cart[i]
+                r = np.linalg.norm(v)
+                if 1e-6 < r < cut:
+                    vs.append(v)
+        neigh.append(vs)
+
+    def fc(r: float) -> float:
+        if r < p.R - p.D:
+            return 1.0
+        return 0.5 - 0.5 * math.sin(math.pi / 2 * (r - p.R) / p.D) if r < p.R + p.D else 0.0
+
+    total = 0.0
+    for vs in neigh:
+        for a, vij in enumerate(vs):
+            rij = np.linalg.norm(vij)
+            zeta = 0.0
+            for b, vik in enumerate(vs):
+                if b == a:
+                    continue
+                rik = np.linalg.norm(vik)
+                cos = vij @ vik / (rij * rik)
+                g = 1 + p.c**2 / p.d**2 - p.c**2 / (p.d**2 + (cos - p.h) ** 2)
+                zeta += fc(rik) * g
+            b_ij = (1 + (p.beta * zeta) ** p.n) ** (-1 / (2 * p.n))
+            total += 0.5 * fc(rij) * (p.A * math.exp(-p.lam1 * rij) - b_ij * p.B * math.exp(-p.lam2 * rij))
+    return total
+
+
+def test_diamond_and_graphene_reproduce_tersoffs_published_values():
+    """Diamond: minimum at 3.566 A, -7.37 eV/atom; graphene: bond 1.46 A, -7.40 eV/atom (Tersoff 1988)."""
+    grid = np.linspace(3.50, 3.64, 15)
+    e = [energy(*diamond(a)) / 8 for a in grid]
+    assert abs(grid[int(np.argmin(e))] - 3.566) < 0.011
+    assert abs(min(e) + 7.37) < 0.01
+    bonds = np.linspace(1.40, 1.52, 13)
+    eg = []
+    for b in bonds:
+        a = b * math.sqrt(3)
+        lat = np.array([[a, 0, 0], [a / 2, a * math.sqrt(3) / 2, 0], [0, 0, 10.0]])
+        eg.append(energy(np.array([[0, 0, 0], [1 / 3, 1 / 3, 0]]), lat) / 2)
+    assert abs(bonds[int(np.argmin(eg))] - 1.46) < 0.011
+    assert abs(min(eg) + 7.40) < 0.01
+
+
+def test_energy_matches_the_loop_reference_on_a_distorted_triclinic_crystal():
+    """The padded, vectorised energy equals the paper's sums, atom by atom and image by image."""
+    rng = np.random.default_rng(0)
+    frac, lat = diamond(3.56)
+    lat = lat @ (np.eye(3) + rng.normal(0, 0.03, (3, 3)))
+    frac = (frac + rng.normal(0, 0.02, frac.shape)) % 1.0
+    ref = loop_energy(frac, lat)
+    assert energy(frac, lat) == pytest.approx(ref, rel=2e-5)
+    # Padding atoms change nothing.
+    padded = np.concatenate([frac @ lat, np.zeros((3, 3))]).astype(np.float32)
+    mask = np.arange(11) < 8
+    e, _ = relax.tersoff_energy(jnp.asarray(padded), jnp.asarray(lat, jnp.float32), jnp.asarray(mask), max_images=(2, 2, 2))
+    assert float(e) == pytest.approx(ref, rel=2e-5)
+
+
+def test_energy_is_extensive_and_blind_to_atom_order():
+    """A doubled cell has twice the energy; permuting the atoms changes nothing."""
+    rng = np.random.default_rng(1)
+    frac, lat = diamond(3.6)
+    frac = (frac + rng.normal(0, 0.02, frac.shape)) % 1.0
+    e = energy(frac, lat)
+    double = np.concatenate([frac * [0.5, 1, 1], frac * [0.5, 1, 1] + [0.5, 0, 0]])
+    assert energy(double, lat * [[2], [1], [1]]) == pytest.approx(2 * e, rel=1e-5)
+    assert energy(frac[rng.permutation(8)], lat) == pytest.approx(e, rel=1e-6)
+
+
+def test_fixed_cell_relaxation_rebuilds_a_perturbed_diamond():
+    """Every atom moved 0.1 A comes back: four bonds of 1.544 A each, residual force below fmax."""
+    frac, lat = diamond(3.566)
+    rng = np.random.default_rng(2)
+    cart = frac @ lat + rng.normal(0, 0.1, (8, 3))
+    trace = relax.relax_batch(jnp.asarray(cart[None], jnp.float32), jnp.asarray(lat[None], jnp.float32),
+                              jnp.ones((1, 8), bool), cfg=relax.RelaxConfig(steps=500), max_images=(1, 1, 1))
+    assert float(trace.fmax[0]) < 0.01 and int(trace.steps[0]) < 500
+    out = np.asarray(trace.positions[0]) @ np.linalg.inv(lat)
+    dists = geometry.neighbor_distances(out, lat, 1.8)
+    assert [len(d) for d in dists] == [4] * 8
+    assert np.allclose(np.concatenate(dists), 3.566 * math.sqrt(3) / 4, atol=2e-3)
+    assert float(trace.energy[0]) / 8 == pytest.approx(-7.37, abs=0.01)
+
+
+def test_free_cell_relaxation_finds_diamonds_lattice_constant_and_pressure_compresses_it():
+    """From a = 3.45 A the free cell relaxes to 3.566 A at zero pressure; at 100 GPa to the cell where -dE/dV is 100 GPa."""
+    frac, lat = diamond(3.45)
+    cs = CrystalSet(np.array([8, 8]), np.full(16, 6), np.concatenate([frac, frac]),
+                    np.full((2, 3), 3.45), np.full((2, 3), 90.0))
+    at0 = relax.relax_crystals(cs.subset([0]), relax.RelaxConfig(cell="free", steps=2000), progress=False)
+    at100 = relax.relax_crystals(cs.subset([1]), relax.RelaxConfig(cell="free", pressure=100.0, steps=2000),
+                                 progress=False)
+    assert at0.converged.all() and at100.converged.all()
+    assert np.allclose(at0.crystals.lengths, 3.566, atol=5e-3)
+    assert np.allclose(at0.crystals.angles, 90.0, atol=0.1)
+    a = float(at100.crystals.lengths[0, 0])
+    assert np.allclose(at100.crystals.lengths, a, atol=5e-3) and a < 3.5
+    h = 2e-3
+    pressure = -(energy(frac, (a + h) * np.eye(3)) - energy(frac, (a - h) * np.eye(3))) / ((a + h) ** 3 - (a - h) ** 3)
+    assert pressure / relax.GPA_IN_EV_PER_A3 == pytest.approx(100.0, rel=0.03)
+
+
+def test_relax_crystals_refuses_other_elements_and_returns_untrusted_rows_unchanged():
+    """Non-carbon crystals are refused; a crystal whose neighbours overflow the list is kept as it came."""
+    frac, lat = diamond(3.566)
+    with pytest.raises(ValueError, match="carbon only"):
+        relax.relax_crystals(CrystalSet(np.array([8]), np.array([6] * 7 + [14]), frac, np.full((1, 3), 3.566),
+                                        np.full((1, 3), 90.0)), progress=False)
+    rng = np.random.default_rng(3)
+    crowded = rng.random((8, 3))
+    cs = CrystalSet(np.array([8, 8]), np.full(16, 6), np.concatenate([frac, crowded]),
+                    np.array([[3.566] * 3, [2.2] * 3]), np.full((2, 3), 90.0))
+    out = relax.relax_crystals(cs, relax.RelaxConfig(steps=50, max_neighbors=4), progress=False)
+    assert out.kept.tolist() == [True, False]
+    assert np.array_equal(out.crystals.frac_coords[8:], crowded)
+    assert np.isnan(out.energy_per_atom[1])
+    assert np.allclose(out.crystals.lengths[0], 3.566, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [{"cell": "npt"}, {"steps": 0}, {"fmax": 0.0}, {"pressure": float("nan")}])
+def test_relax_config_refuses_settings_that_describe_no_relaxation(bad):
+    """Unknown cell modes, no steps, a zero force threshold or a NaN pressure are refused."""
+    with pytest.raises(ValueError):
+        relax.RelaxConfig(**bad)
+
+
+def test_forces_are_the_gradient_of_the_loop_reference():
+    """jax's gradient of the energy equals a central difference of the float64 loop reference."""
+    rng = np.random.default_rng(4)
+    frac, lat = diamond(3.56)
+    cart = frac @ lat + rng.normal(0, 0.05, (8, 3))
+
+    def e(x):
+        return relax.tersoff_energy(x, jnp.asarray(lat, jnp.float32), jnp.ones(8, bool), max_images=(1, 1, 1))[0]
+
+    g = np.asarray(jax.grad(e)(jnp.asarray(cart, jnp.float32)))
+    inv = np.linalg.inv(lat)
+    h = 1e-4
+    for axis in range(3):
+        up, down = cart.copy(), cart.copy()
+        up[2, axis] += h
+        down[2, axis] -= h
+        fd = (loop_energy(up @ inv, lat) - loop_energy(down @ inv, lat)) / (2 * h)
+        assert g[2, axis] == pytest.approx(fd, rel=2e-3, abs=2e-3)
