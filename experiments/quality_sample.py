@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from symat_jax import configs, run, sampling
+from symat_jax import configs, relax, relax_cli, run, sampling
 
 log = logging.getLogger("quality_sample")
 
@@ -61,6 +61,10 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "default_noretry": ("default", "latest", dict(retry_coordination=())),
     "default_retry_same": ("default", "latest", dict(retry_coordination=(3, 4), retry_checkpoint="latest")),
 }
+# The crystals of another variant (sampled first where missing), relaxed in Tersoff's carbon potential at fixed
+# cell (symat_jax.relax): the sampler's settings are that variant's.
+RELAXED_OF = {"default_relaxed": "default", "default_noretry_relaxed": "default_noretry"}
+VARIANTS.update({name: VARIANTS[base] for name, base in RELAXED_OF.items()})
 # Variants whose first chain is another variant's chain (same preset, checkpoint, weights and sampler settings):
 # reused where that variant is sampled.
 FIRST_PASS_OF = {"default": "default_noretry", "default_retry_same": "default_noretry"}
@@ -69,6 +73,8 @@ FIRST_PASS_OF = {"default": "default_noretry", "default_retry_same": "default_no
 def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, num: int, batch_size: int,
                    bucket_multiple: int, seed: int) -> dict[str, Any]:
     """Sample ``num`` crystals with variant ``name`` into ``out``; return its summary."""
+    if name in RELAXED_OF:
+        return relax_variant(workdir, name, out, num, batch_size, bucket_multiple, seed)
     preset, checkpoint, overrides = VARIANTS[name]
     overrides = dict(overrides)
     weights = overrides.pop("weights", configs.sampler_weights(preset))
@@ -104,6 +110,23 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
         "first_pass_from": str(base) if first is not None else None,
         "sampler": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def relax_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, num: int, batch_size: int,
+                  bucket_multiple: int, seed: int) -> dict[str, Any]:
+    """Relax the crystals of the variant ``name`` builds on (sampling it first where missing) into ``out``; return the summary."""
+    base = out.parent / RELAXED_OF[name]
+    if not (base / "summary.json").exists():
+        sample_variant(workdir, RELAXED_OF[name], base, num, batch_size, bucket_multiple, seed)
+    base_summary = json.loads((base / "summary.json").read_text())
+    if base_summary.get("num_requested") != num:
+        raise ValueError(f"{base} holds {base_summary.get('num_requested')} samples, not {num}: relax in a new --root")
+    relaxed = relax_cli.relax_samples(base, out, relax.RelaxConfig(), cif=False, overwrite=True)
+    # The sampling's time counts: a relaxed variant costs its chains plus the relaxation per crystal.
+    summary = dict(base_summary, variant=name, relaxed_from=str(base), relax=relaxed,
+                   run_seconds=round(base_summary["run_seconds"] + relaxed["relax_seconds"], 2))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

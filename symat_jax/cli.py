@@ -249,6 +249,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--retry-score-checkpoint", type=checkpoint_choice, default=None,
                    help="the retry chain's score network from this kept checkpoint (default: the sampling one)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    p = sub.add_parser("relax", help="relax generated carbon crystals in Tersoff's potential (FIRE) into a new folder")
+    p.add_argument("--samples", required=True, help="samples.npz in the CDVAE layout or the folder holding it (only read)")
+    p.add_argument("--out", required=True, help="new folder for the relaxed crystals")
+    p.add_argument("--cell", choices=("fixed", "free"), default="fixed",
+                   help="keep each generated cell (default) or relax it too at --pressure")
+    p.add_argument("--pressure", type=float, default=0.0, help="GPa, with --cell free (Carbon-24 was relaxed at 10)")
+    p.add_argument("--steps", type=positive_int, default=1000, help="FIRE steps at most")
+    p.add_argument("--fmax", type=positive_float, default=0.01, help="converged below this force (eV/A)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p = sub.add_parser("fit-prior", help="fit the latent prior of a trained run to its encoded training set")
     _add_data_args(p)
     p.add_argument("--workdir", required=True)
@@ -298,6 +308,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 decode=args.decode, decode_temperature=args.decode_temperature, fit_counts=args.fit_counts,
             )
             print(json.dumps(summary, indent=1))
+        elif args.command == "relax":
+            from symat_jax.relax import RelaxConfig
+            from symat_jax.relax_cli import relax_samples
+
+            cfg = RelaxConfig(steps=args.steps, fmax=args.fmax, cell=args.cell, pressure=args.pressure)
+            print(json.dumps(relax_samples(args.samples, args.out, cfg, batch_size=args.batch_size,
+                                           overwrite=args.overwrite), indent=1))
         elif args.command == "fit-prior":
             from symat_jax.latents import fit_prior
 

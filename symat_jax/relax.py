@@ -78,6 +78,8 @@ class RelaxConfig:
             raise ValueError(f"steps, fmax, max_step and max_neighbors must be positive, got {self}")
         if not math.isfinite(self.pressure):
             raise ValueError(f"pressure must be finite, got {self.pressure}")
+        if self.cell == "fixed" and self.pressure != 0:
+            raise ValueError("a pressure acts only on a free cell: use cell='free' with it")
 
 
 def _cutoff_fn(r: Array, p: TersoffParams) -> Array:

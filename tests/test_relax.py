@@ -157,9 +157,10 @@ def test_relax_crystals_refuses_other_elements_and_returns_untrusted_rows_unchan
     assert np.allclose(out.crystals.lengths[0], 3.566, atol=1e-4)
 
 
-@pytest.mark.parametrize("bad", [{"cell": "npt"}, {"steps": 0}, {"fmax": 0.0}, {"pressure": float("nan")}])
+@pytest.mark.parametrize("bad", [{"cell": "npt"}, {"steps": 0}, {"fmax": 0.0}, {"cell": "free", "pressure": float("nan")},
+                                 {"pressure": 10.0}])
 def test_relax_config_refuses_settings_that_describe_no_relaxation(bad):
-    """Unknown cell modes, no steps, a zero force threshold or a NaN pressure are refused."""
+    """Unknown cell modes, no steps, a zero force threshold, a NaN pressure or a pressure on a fixed cell are refused."""
     with pytest.raises(ValueError):
         relax.RelaxConfig(**bad)
 
@@ -182,3 +183,45 @@ def test_forces_are_the_gradient_of_the_loop_reference():
         down[2, axis] -= h
         fd = (loop_energy(up @ inv, lat) - loop_energy(down @ inv, lat)) / (2 * h)
         assert g[2, axis] == pytest.approx(fd, rel=2e-3, abs=2e-3)
+
+
+def _write_samples(folder, crystals: CrystalSet) -> None:
+    """Write ``crystals`` as a ``symat sample`` folder (samples.npz with sample_index, one reject)."""
+    folder.mkdir(parents=True)
+    np.savez(folder / "samples.npz", num_atoms=crystals.num_atoms, atom_types=crystals.atom_types,
+             frac_coords=crystals.frac_coords, lengths=crystals.lengths, angles=crystals.angles,
+             sample_index=np.array([0, 2]))
+    (folder / "rejects.json").write_text('[{"index": 1, "reason": "too many atoms"}]')
+
+
+def test_symat_relax_writes_a_new_folder_and_leaves_the_samples_alone(tmp_path):
+    """`symat relax` relaxes into --out (unrelaxed copy, per-crystal record, rejects kept) and refuses the source folder."""
+    from symat_jax import cli
+
+    frac, _ = diamond(3.566)
+    rng = np.random.default_rng(5)
+    noisy = (frac + rng.normal(0, 0.02, frac.shape)) % 1.0
+    cs = CrystalSet(np.array([8, 8]), np.full(16, 6), np.concatenate([noisy, frac]), np.full((2, 3), 3.566),
+                    np.full((2, 3), 90.0))
+    src = tmp_path / "samples"
+    _write_samples(src, cs)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert cli.main(["relax", "--samples", str(src), "--out", str(src), "--steps", "300"]) != 0
+    out = tmp_path / "relaxed"
+    assert cli.main(["relax", "--samples", str(src), "--out", str(out), "--steps", "300"]) == 0
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    relaxed = CrystalSet.from_samples(out)
+    assert relaxed.num_rejected == 1
+    with np.load(out / "unrelaxed.npz") as z, np.load(src / "samples.npz") as s:
+        assert all(np.array_equal(z[k], s[k]) for k in s.files)
+    with np.load(out / "samples.npz") as z:
+        assert z["sample_index"].tolist() == [0, 2]
+    with np.load(out / "relax.npz") as z:
+        assert z["converged"].all() and (z["energy_per_atom"] < -7.36).all()
+    dists = geometry.neighbor_distances(relaxed.crystal(0)[3], 3.566 * np.eye(3), 1.8)
+    assert np.allclose(np.concatenate(dists), 1.544, atol=2e-3)
+    assert sorted(p.name for p in (out / "cif").iterdir()) == ["0.cif", "2.cif"]
+    # A second run into the same folder is refused without --overwrite, and changes nothing there.
+    kept = (out / "samples.npz").read_bytes()
+    assert cli.main(["relax", "--samples", str(src), "--out", str(out)]) != 0
+    assert (out / "samples.npz").read_bytes() == kept
