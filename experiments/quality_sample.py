@@ -63,7 +63,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 # The crystals of another variant (sampled first where missing), relaxed in Tersoff's carbon potential at fixed
 # cell (symat_jax.relax): the sampler's settings are that variant's.
-RELAXED_OF = {"default_relaxed": "default", "default_noretry_relaxed": "default_noretry"}
+RELAXED_OF = {"default_relaxed": "default", "default_noretry_relaxed": "default_noretry",
+              "default_25x10_relaxed": "default_25x10"}
 VARIANTS.update({name: VARIANTS[base] for name, base in RELAXED_OF.items()})
 # Variants whose first chain is another variant's chain (same preset, checkpoint, weights and sampler settings):
 # reused where that variant is sampled.

@@ -221,6 +221,47 @@ def test_a_retry_variant_reuses_the_first_chain_of_its_base_variant(full_run, tm
                              "--variants", "default"])
 
 
+def test_a_relaxed_variant_samples_its_base_once_and_relaxes_a_copy(data_root, tmp_path, monkeypatch):
+    from experiments import quality_sample
+    from symat_jax.crystal_sets import CrystalSet
+    from symat_jax.data import load_split
+
+    test = CrystalSet.from_dataset(load_split("carbon_24", "test", data_root, with_graph=False, progress=False))
+    gen = test.subset(np.arange(4))
+    noisy = (gen.frac_coords + np.random.default_rng(0).normal(0, 0.01, gen.frac_coords.shape)) % 1.0
+    calls = []
+    real = quality_sample.sample_variant
+
+    def fake_sample(workdir, name, out, num, *rest):  # stands in for the chains: test crystals, slightly moved
+        if name in quality_sample.RELAXED_OF:
+            return real(workdir, name, out, num, *rest)
+        calls.append(name)
+        out.mkdir(parents=True)
+        np.savez(out / "samples.npz", num_atoms=gen.num_atoms, atom_types=gen.atom_types, frac_coords=noisy,
+                 lengths=gen.lengths, angles=gen.angles, sample_index=np.arange(4))
+        (out / "rejects.json").write_text("[]")
+        (out / "summary.json").write_text(json.dumps({"run_seconds": 2.0, "num_requested": num, "variant": name, "num_written": 4,
+                                                       "num_rejected": 0, "compile_seconds": 0.0, "device": "cpu"}))
+
+    monkeypatch.setattr(quality_sample, "sample_variant", fake_sample)
+    args = ["--workdir", str(tmp_path / "unused"), "--root", str(tmp_path), "--num", "4"]
+    assert quality_sample.main(args + ["--variants", "default_relaxed", "default_relaxed"]) == 0
+    assert calls == ["default"]  # the base once; the second request finds the relaxed folder
+    relaxed = CrystalSet.from_samples(tmp_path / "default_relaxed")
+    assert np.array_equal(relaxed.num_atoms, gen.num_atoms) and np.allclose(relaxed.lengths, gen.lengths)
+    assert not np.allclose(relaxed.frac_coords, noisy)
+    summary = json.loads((tmp_path / "default_relaxed" / "summary.json").read_text())
+    assert summary["relaxed_from"] == str(tmp_path / "default") and summary["relax"]["num_crystals"] == 4
+    assert summary["run_seconds"] == pytest.approx(2.0 + summary["relax"]["relax_seconds"], abs=0.02)
+    with np.load(tmp_path / "default_relaxed" / "unrelaxed.npz") as z:
+        assert np.array_equal(z["frac_coords"], noisy)
+    # A base of another size is refused, not relaxed into this row.
+    (tmp_path / "default_relaxed" / "summary.json").unlink()
+    with pytest.raises(ValueError, match="not 5"):
+        quality_sample.main(["--workdir", str(tmp_path / "unused"), "--root", str(tmp_path), "--num", "5",
+                             "--variants", "default_relaxed"])
+
+
 def test_two_score_chain_switches_networks_at_the_first_level_below_the_switch(full_run, tmp_path, monkeypatch, capsys):
     from experiments import two_score_chain
     from symat_jax import configs
