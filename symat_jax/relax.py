@@ -182,8 +182,8 @@ def relax_one(positions: Array, lattice: Array, atom_mask: Array, *, cfg: RelaxC
     def residual(fu: Array, fs: Array) -> Array:
         return jnp.maximum(jnp.max(jnp.linalg.norm(fu, axis=-1)), jnp.max(jnp.abs(fs)))
 
-    def step(carry, _):
-        state, fu, fs, done, taken = carry
+    def step(carry):
+        state, fu, fs, taken = carry
         # Velocity Verlet with unit masses, mixed towards the force (FIRE).
         vu = state.vu + state.dt * fu
         vs = state.vs + state.dt * fs
@@ -205,21 +205,20 @@ def relax_one(positions: Array, lattice: Array, atom_mask: Array, *, cfg: RelaxC
         # No atom (and no strain component, in the same units) moves more than max_step per step.
         longest = jnp.maximum(jnp.max(jnp.linalg.norm(du, axis=-1)), jnp.max(jnp.abs(ds)))
         shrink = jnp.minimum(1.0, cfg.max_step / jnp.maximum(longest, 1e-12))
-        moved = FireState(state.u + jnp.where(m, du * shrink, 0.0), state.strain + ds * shrink, vu, vs, dt, alpha, since)
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), state, moved)
+        new = FireState(state.u + jnp.where(m, du * shrink, 0.0), state.strain + ds * shrink, vu, vs, dt, alpha, since)
         nfu, nfs, _, _ = forces(new)
-        nfu = jnp.where(done, fu, nfu)
-        nfs = jnp.where(done, fs, nfs)
-        taken = taken + jnp.where(done, 0, 1)
-        done = done | (residual(nfu, nfs) < cfg.fmax)
-        return (new, nfu, nfs, done, taken), None
+        return new, nfu, nfs, taken + 1
+
+    def running(carry) -> Array:
+        # Under vmap the loop runs until the slowest crystal of the batch is done; the others stay put.
+        _, fu, fs, taken = carry
+        return (taken < cfg.steps) & (residual(fu, fs) >= cfg.fmax)
 
     zeros_s = jnp.zeros((3, 3), positions.dtype)
     state = FireState(jnp.where(m, positions, 0.0), zeros_s, jnp.zeros_like(positions), zeros_s,
                       jnp.asarray(_DT0, positions.dtype), jnp.asarray(_ALPHA0, positions.dtype), jnp.asarray(0))
     fu, fs, _, _ = forces(state)
-    done = residual(fu, fs) < cfg.fmax
-    (state, fu, fs, _, taken), _ = jax.lax.scan(step, (state, fu, fs, done, jnp.asarray(0)), None, length=cfg.steps)
+    state, fu, fs, taken = jax.lax.while_loop(running, step, (state, fu, fs, jnp.asarray(0)))
     x, lat = deform(state.u, state.strain)
     energy, overflow = tersoff_energy(x, lat, atom_mask, max_images=max_images, params=params,
                                       max_neighbors=cfg.max_neighbors)
