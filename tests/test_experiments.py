@@ -281,3 +281,12 @@ def test_two_score_chain_switches_networks_at_the_first_level_below_the_switch(f
     assert np.all((crystals.frac_coords > -1) & (crystals.frac_coords < 1))
     with pytest.raises(ValueError, match="no level on one side"):
         two_score_chain.main(["--workdir", str(workdir), "--low", "2", "--switch", "100", "--out", str(tmp_path / "x")])
+
+
+def test_relax_probe_brings_noised_test_crystals_back_and_leaves_real_ones_near(data_root, capsys):
+    from experiments import relax_probe
+
+    assert relax_probe.main(["--data-root", str(data_root), "--num", "3", "--sigmas", "0", "0.1"]) == 0
+    real, noisy = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert real["start_median"] == 0.0 and real["end_within_0.2"] == 1.0 and real["density_ratio_median"] == 1.0
+    assert noisy["end_median"] < noisy["start_median"] / 2
