@@ -60,15 +60,18 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # score network of epoch 40 (configs.DEFAULT_SAMPLER_BY_DATASET); without it, and with the same network.
     "default_noretry": ("default", "latest", dict(retry_coordination=())),
     "default_retry_same": ("default", "latest", dict(retry_coordination=(3, 4), retry_checkpoint="latest")),
+    # The default chain and retry before the relaxation (the `default` preset relaxes after them, RELAXED_OF).
+    "default_unrelaxed": ("default", "latest", {}),
 }
 # The crystals of another variant (sampled first where missing), relaxed in Tersoff's carbon potential at fixed
-# cell (symat_jax.relax): the sampler's settings are that variant's.
-RELAXED_OF = {"default_relaxed": "default", "default_noretry_relaxed": "default_noretry",
+# cell (symat_jax.relax), as the `default` preset does after its chains; the chain's settings are that variant's.
+# Every other variant's crystals are the chain's, unrelaxed.
+RELAXED_OF = {"default": "default_unrelaxed", "default_noretry_relaxed": "default_noretry",
               "default_25x10_relaxed": "default_25x10"}
 VARIANTS.update({name: VARIANTS[base] for name, base in RELAXED_OF.items()})
 # Variants whose first chain is another variant's chain (same preset, checkpoint, weights and sampler settings):
 # reused where that variant is sampled.
-FIRST_PASS_OF = {"default": "default_noretry", "default_retry_same": "default_noretry"}
+FIRST_PASS_OF = {"default_unrelaxed": "default_noretry", "default_retry_same": "default_noretry"}
 
 
 def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, num: int, batch_size: int,
@@ -81,7 +84,8 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
     weights = overrides.pop("weights", configs.sampler_weights(preset))
     config, statics, params, meta = run.load_run(workdir, checkpoint, weights, overrides.pop("score_checkpoint", None))
     retry_checkpoint = overrides.pop("retry_checkpoint", None)
-    cfg = configs.get_sampler_config(config.dataset, preset, **overrides)
+    # The relaxation is a stage of its own here (relax_variant), so this folder holds the chains' crystals.
+    cfg = configs.get_sampler_config(config.dataset, preset, **dict(overrides, relax=None))
     retry_params, retry_epoch = run.load_retry_params(workdir, run.LoadedRun(config, statics, params, meta), cfg,
                                                       preset, checkpoint, weights, retry_checkpoint)
     prior = run.load_prior(workdir) if cfg.prior == "fitted" else None
@@ -124,9 +128,10 @@ def relax_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, num
     base_summary = json.loads((base / "summary.json").read_text())
     if base_summary.get("num_requested") != num:
         raise ValueError(f"{base} holds {base_summary.get('num_requested')} samples, not {num}: relax in a new --root")
-    relaxed = relax_cli.relax_samples(base, out, relax.RelaxConfig(), cif=False, overwrite=True)
+    relaxed = relax_cli.relax_samples(base, out, relax.RelaxConfig(cell="fixed"), cif=False, overwrite=True)
     # The sampling's time counts: a relaxed variant costs its chains plus the relaxation per crystal.
-    summary = dict(base_summary, variant=name, relaxed_from=str(base), relax=relaxed,
+    sampler = dict(base_summary.get("sampler", {}), relax="fixed")
+    summary = dict(base_summary, variant=name, relaxed_from=str(base), relax=relaxed, sampler=sampler,
                    run_seconds=round(base_summary["run_seconds"] + relaxed["relax_seconds"], 2))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -248,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--retry-cutoff", type=positive_float, default=None, help="bond cut-off of the retry (A; default 1.8)")
     p.add_argument("--retry-score-checkpoint", type=checkpoint_choice, default=None,
                    help="the retry chain's score network from this kept checkpoint (default: the sampling one)")
+    p.add_argument("--relax", choices=("fixed", "free"), default=None,
+                   help="relax each crystal in Tersoff's carbon potential after sampling, at fixed cell or free cell "
+                        "(the Carbon-24 default preset: fixed); the sampled crystals stay in unrelaxed.npz")
+    p.add_argument("--no-relax", dest="relax", action="store_const", const="none",
+                   help="no relaxation (drops the preset's)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p = sub.add_parser("relax", help="relax generated carbon crystals in Tersoff's potential (FIRE) into a new folder")
     p.add_argument("--samples", required=True, help="samples.npz in the CDVAE layout or the folder holding it (only read)")
@@ -300,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.workdir, args.num, args.out, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
                 checkpoint=args.checkpoint, weights=args.weights, score_checkpoint=args.score_checkpoint,
                 retry_checkpoint=args.retry_score_checkpoint, retry_coordination=args.retry_coordination,
-                retry_cutoff=args.retry_cutoff,
+                retry_cutoff=args.retry_cutoff, relax=args.relax,
                 overwrite=args.overwrite, num_levels=args.levels,
                 steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
                 prior=args.prior, band=None if args.band is None else tuple(args.band), band_steps=args.band_steps,

@@ -12,9 +12,10 @@ import jax
 import numpy as np
 from pymatgen.io.cif import CifWriter
 
-from symat_jax import configs, sampling
+from symat_jax import configs, relax, sampling
 from symat_jax.data.canonical import to_structure
 from symat_jax.files import check_folder_path
+from symat_jax.relax_cli import relax_in_place
 from symat_jax.run import load_prior, load_retry_params, load_run
 
 
@@ -74,6 +75,9 @@ def run_sample(
     loaded = load_run(workdir, ckpt, weights, score_checkpoint)
     config, statics, params, meta = loaded
     cfg = configs.get_sampler_config(config.dataset, preset, **{k: v for k, v in overrides.items() if v is not None})
+    if cfg.relax is not None and config.dataset not in relax.CARBON_DATASETS:
+        raise ValueError(f"relax={cfg.relax!r}: the Tersoff relaxation knows carbon only, not {config.dataset}; "
+                         "sample without it (--no-relax)")
     retry_params, retry_epoch = load_retry_params(workdir, loaded, cfg, preset, ckpt, weights, retry_checkpoint)
     prior = load_prior(workdir) if cfg.prior == "fitted" else None
     t0 = time.perf_counter()
@@ -102,4 +106,9 @@ def run_sample(
         "sampler": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
     (pathlib.Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    if cfg.relax is not None:
+        # The sampled crystals are on disk first: a failed relaxation loses nothing that was sampled.
+        summary["relax"] = relax_in_place(out, relax.RelaxConfig(cell=cfg.relax), batch_size=batch_size)
+        summary["total_seconds"] = round(time.perf_counter() - t0, 2)
+        (pathlib.Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

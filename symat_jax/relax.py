@@ -16,6 +16,7 @@ Every array function works on one padded crystal (``vmap`` for a batch);
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from functools import partial
 from typing import NamedTuple
@@ -28,6 +29,7 @@ from symat_jax import geometry, neighbors
 from symat_jax.crystal_sets import CrystalSet
 
 Array = jax.Array
+log = logging.getLogger(__name__)
 
 GPA_IN_EV_PER_A3 = 1.0 / 160.21766208  # 1 GPa in eV / A^3
 
@@ -52,6 +54,7 @@ class TersoffParams(NamedTuple):
 CARBON = TersoffParams(A=1393.6, B=346.74, lam1=3.4879, lam2=2.2119, beta=1.5724e-7, n=0.72751,
                        c=38049.0, d=4.3484, h=-0.57058, R=1.95, D=0.15)
 CARBON_Z = 6
+CARBON_DATASETS = ("carbon_24",)  # datasets whose crystals hold carbon only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,11 +253,21 @@ class Relaxed(NamedTuple):
 
 
 def relax_crystals(crystals: CrystalSet, cfg: RelaxConfig = RelaxConfig(), batch_size: int = 256,
-                   progress: bool = True) -> Relaxed:
-    """Return ``crystals`` relaxed under Tersoff's carbon potential (host side; crystals with any atom not carbon are refused)."""
-    other = np.unique(crystals.atom_types[crystals.atom_types != CARBON_Z])
-    if other.size:
+                   progress: bool = True, strict: bool = True) -> Relaxed:
+    """Return ``crystals`` relaxed under Tersoff's carbon potential (host side).
+
+    A crystal holding any element other than carbon is returned as it came
+    (``kept`` False, with a warning); with ``strict``, a set without any
+    pure-carbon crystal is refused (it is not carbon data).
+    """
+    carbon_only = np.array([bool(np.all(t == CARBON_Z)) for t in np.split(crystals.atom_types, crystals.offsets[1:-1])],
+                           bool) if len(crystals) else np.zeros(0, bool)
+    if strict and len(crystals) and not carbon_only.any():
+        other = np.unique(crystals.atom_types[crystals.atom_types != CARBON_Z])
         raise ValueError(f"the Tersoff relaxation knows carbon only; the crystals hold atomic numbers {other.tolist()}")
+    if not carbon_only.all():
+        log.warning("%d of %d crystals hold elements other than carbon: left unrelaxed", int((~carbon_only).sum()),
+                    len(crystals))
     from tqdm.auto import tqdm
 
     c = len(crystals)
@@ -282,7 +295,7 @@ def relax_crystals(crystals: CrystalSet, cfg: RelaxConfig = RelaxConfig(), batch
         lat = np.asarray(trace.lattice[t], np.float64)
         vol = np.abs(np.linalg.det(lat))
         n_atoms = crystals.num_atoms[rows]
-        ok = (~np.asarray(trace.overflow[t]) & np.isfinite(np.asarray(trace.energy[t]))
+        ok = (carbon_only[rows] & ~np.asarray(trace.overflow[t]) & np.isfinite(np.asarray(trace.energy[t]))
               & np.all(np.isfinite(trace.positions[t]), axis=(1, 2)) & (vol > 3.0 * n_atoms))
         new_frac = np.einsum("bny,byx->bnx", np.asarray(trace.positions[t], np.float64), np.linalg.inv(lat))
         new_frac = new_frac - np.floor(new_frac)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import time
@@ -48,33 +49,62 @@ def relax_samples(samples: str | pathlib.Path, out: str | pathlib.Path, cfg: rel
         raise ValueError(f"--out {out} is the folder of the samples; relax into a new folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} is not empty; choose a new folder or pass --overwrite to replace its contents")
-    crystals = CrystalSet.from_samples(src)
-    with np.load(src, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    if arrays["num_atoms"].ndim != 1:
-        raise ValueError(f"{src}: relax one evaluation batch at a time (num_atoms has shape {arrays['num_atoms'].shape})")
+    arrays = _load_arrays(src)
     rejects = src.parent / "rejects.json"
-    t0 = time.perf_counter()
-    result = relax.relax_crystals(crystals, cfg, batch_size=batch_size, progress=progress)
-    seconds = time.perf_counter() - t0
-    relaxed = dict(arrays, frac_coords=result.crystals.frac_coords, lengths=result.crystals.lengths,
-                   angles=result.crystals.angles)
+    relaxed, summary = _relax_arrays(arrays, cfg, batch_size, progress)
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "samples.npz", **relaxed)
-    np.savez(out / UNRELAXED_FILE, **arrays)
-    np.savez(out / "relax.npz", energy_per_atom=result.energy_per_atom, fmax=result.fmax, steps=result.steps,
-             converged=result.converged, kept=result.kept)
     (out / "rejects.json").write_text(json.dumps(read_json(rejects) if rejects.exists() else [], indent=1))
-    if cif:
-        (out / "cif").mkdir(exist_ok=True)
-        index = arrays.get("sample_index", np.arange(len(crystals)))
-        for k in range(len(crystals)):
-            CifWriter(to_structure(*result.crystals.crystal(k))).write_file(out / "cif" / f"{int(index[k])}.cif")
+    _write_relaxed(out, arrays, relaxed, cif)
+    summary = {"source": str(src), **summary}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def relax_in_place(folder: str | pathlib.Path, cfg: relax.RelaxConfig, *, batch_size: int = 256, cif: bool = True,
+                   progress: bool = True) -> dict[str, Any]:
+    """Relax the ``samples.npz`` that ``symat sample`` just wrote in ``folder``; the sampled crystals move to ``unrelaxed.npz``. Return the relaxation's summary.
+
+    The sampled crystals are written before this runs, so a failed
+    relaxation leaves them as they were.
+    """
+    folder = pathlib.Path(folder)
+    with np.load(folder / "samples.npz") as z:
+        if not len(z["num_atoms"]):  # every crystal rejected: nothing to relax
+            return {"relax": dataclasses.asdict(cfg), "num_crystals": 0}
+    arrays = _load_arrays(folder / "samples.npz")
+    # A carbon run's decoder that gave other elements (an untrained one) leaves those crystals unrelaxed, with a
+    # warning: the sampled crystals are the work to keep.
+    relaxed, summary = _relax_arrays(arrays, cfg, batch_size, progress, strict=False)
+    _write_relaxed(folder, arrays, relaxed, cif)
+    return summary
+
+
+def _load_arrays(file: pathlib.Path) -> dict[str, np.ndarray]:
+    """Return the arrays of a one-batch CDVAE-layout ``samples.npz`` (checked by :meth:`CrystalSet.from_samples`)."""
+    CrystalSet.from_samples(file)
+    with np.load(file, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if arrays["num_atoms"].ndim != 1:
+        raise ValueError(f"{file}: relax one evaluation batch at a time (num_atoms has shape {arrays['num_atoms'].shape})")
+    return arrays
+
+
+def _relax_arrays(arrays: dict[str, np.ndarray], cfg: relax.RelaxConfig, batch_size: int,
+                  progress: bool, strict: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Return ``(the arrays with relaxed coordinates and cells plus the per-crystal record, a summary)``."""
+    crystals = CrystalSet(*(np.asarray(arrays[k]) for k in ("num_atoms", "atom_types", "frac_coords", "lengths",
+                                                             "angles")))
+    t0 = time.perf_counter()
+    result = relax.relax_crystals(crystals, cfg, batch_size=batch_size, progress=progress, strict=strict)
+    seconds = time.perf_counter() - t0
+    relaxed = dict(arrays, frac_coords=result.crystals.frac_coords, lengths=result.crystals.lengths,
+                   angles=result.crystals.angles)
+    record = dict(energy_per_atom=result.energy_per_atom, fmax=result.fmax, steps=result.steps,
+                  converged=result.converged, kept=result.kept)
     energy = result.energy_per_atom[result.kept]
     summary = {
-        "source": str(src),
         "relax": dataclasses.asdict(cfg),
         "potential": "Tersoff 1988 carbon (Phys. Rev. Lett. 61, 2879)",
         "num_crystals": len(crystals),
@@ -84,5 +114,19 @@ def relax_samples(samples: str | pathlib.Path, out: str | pathlib.Path, cfg: rel
         "energy_per_atom_quantiles": np.quantile(energy, [0.05, 0.5, 0.95]).round(4).tolist() if energy.size else [],
         "relax_seconds": round(seconds, 2),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return {"samples": relaxed, "record": record}, summary
+
+
+def _write_relaxed(out: pathlib.Path, arrays: dict[str, np.ndarray], relaxed: dict[str, Any], cif: bool) -> None:
+    """Write ``unrelaxed.npz`` and ``relax.npz``, then replace ``samples.npz`` with the relaxed crystals (and their CIF files)."""
+    np.savez(out / UNRELAXED_FILE, **arrays)
+    np.savez(out / "relax.npz", **relaxed["record"])
+    tmp = out / ".samples.tmp.npz"
+    np.savez(tmp, **relaxed["samples"])
+    os.replace(tmp, out / "samples.npz")
+    if cif:
+        (out / "cif").mkdir(exist_ok=True)
+        crystals = CrystalSet.from_samples(out / "samples.npz")
+        index = relaxed["samples"].get("sample_index", np.arange(len(crystals)))
+        for k in range(len(crystals)):
+            CifWriter(to_structure(*crystals.crystal(k))).write_file(out / "cif" / f"{int(index[k])}.cif")

@@ -203,22 +203,22 @@ def test_a_retry_variant_reuses_the_first_chain_of_its_base_variant(full_run, tm
     monkeypatch.setitem(quality_sample.VARIANTS, "default_noretry", ("default", "latest", dict(short, retry_coordination=())))
     # No atom has 30 neighbours within 1.8 A: every crystal is retried, and no second chain does better, so
     # every crystal keeps its first chain: the base variant's.
-    monkeypatch.setitem(quality_sample.VARIANTS, "default", (
+    monkeypatch.setitem(quality_sample.VARIANTS, "default_unrelaxed", (
         "default", "latest", dict(short, retry_coordination=(30, 40), retry_checkpoint="2")))
     args = ["--workdir", str(workdir), "--root", str(tmp_path), "--num", "6", "--batch-size", "6"]
-    assert quality_sample.main(args + ["--variants", "default_noretry", "default"]) == 0
-    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert quality_sample.main(args + ["--variants", "default_noretry", "default_unrelaxed"]) == 0
+    summary = json.loads((tmp_path / "default_unrelaxed" / "summary.json").read_text())
     assert summary["first_pass_from"] == str(tmp_path / "default_noretry")
     assert (summary["retry"]["retried"], summary["retry"]["replaced"], summary["retry"]["score_epoch"]) == (6, 0, 2)
     base_seconds = json.loads((tmp_path / "default_noretry" / "summary.json").read_text())["run_seconds"]
     assert summary["run_seconds"] > base_seconds  # both chains' time
-    base, retried = (CrystalSet.from_samples(tmp_path / v) for v in ("default_noretry", "default"))
+    base, retried = (CrystalSet.from_samples(tmp_path / v) for v in ("default_noretry", "default_unrelaxed"))
     assert base.digest() == retried.digest()
     # A base sampled for another request is refused, not mixed in.
-    (tmp_path / "default" / "summary.json").unlink()
+    (tmp_path / "default_unrelaxed" / "summary.json").unlink()
     with pytest.raises(ValueError, match="other crystals"):
         quality_sample.main(["--workdir", str(workdir), "--root", str(tmp_path), "--num", "5", "--batch-size", "6",
-                             "--variants", "default"])
+                             "--variants", "default_unrelaxed"])
 
 
 def test_a_relaxed_variant_samples_its_base_once_and_relaxes_a_copy(data_root, tmp_path, monkeypatch):
@@ -245,21 +245,21 @@ def test_a_relaxed_variant_samples_its_base_once_and_relaxes_a_copy(data_root, t
 
     monkeypatch.setattr(quality_sample, "sample_variant", fake_sample)
     args = ["--workdir", str(tmp_path / "unused"), "--root", str(tmp_path), "--num", "4"]
-    assert quality_sample.main(args + ["--variants", "default_relaxed", "default_relaxed"]) == 0
-    assert calls == ["default"]  # the base once; the second request finds the relaxed folder
-    relaxed = CrystalSet.from_samples(tmp_path / "default_relaxed")
+    assert quality_sample.main(args + ["--variants", "default", "default"]) == 0
+    assert calls == ["default_unrelaxed"]  # the base once; the second request finds the relaxed folder
+    relaxed = CrystalSet.from_samples(tmp_path / "default")
     assert np.array_equal(relaxed.num_atoms, gen.num_atoms) and np.allclose(relaxed.lengths, gen.lengths)
     assert not np.allclose(relaxed.frac_coords, noisy)
-    summary = json.loads((tmp_path / "default_relaxed" / "summary.json").read_text())
-    assert summary["relaxed_from"] == str(tmp_path / "default") and summary["relax"]["num_crystals"] == 4
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert summary["relaxed_from"] == str(tmp_path / "default_unrelaxed") and summary["relax"]["num_crystals"] == 4
     assert summary["run_seconds"] == pytest.approx(2.0 + summary["relax"]["relax_seconds"], abs=0.02)
-    with np.load(tmp_path / "default_relaxed" / "unrelaxed.npz") as z:
+    with np.load(tmp_path / "default" / "unrelaxed.npz") as z:
         assert np.array_equal(z["frac_coords"], noisy)
     # A base of another size is refused, not relaxed into this row.
-    (tmp_path / "default_relaxed" / "summary.json").unlink()
+    (tmp_path / "default" / "summary.json").unlink()
     with pytest.raises(ValueError, match="not 5"):
         quality_sample.main(["--workdir", str(tmp_path / "unused"), "--root", str(tmp_path), "--num", "5",
-                             "--variants", "default_relaxed"])
+                             "--variants", "default"])
 
 
 def test_two_score_chain_switches_networks_at_the_first_level_below_the_switch(full_run, tmp_path, monkeypatch, capsys):

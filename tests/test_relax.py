@@ -140,20 +140,23 @@ def test_free_cell_relaxation_finds_diamonds_lattice_constant_and_pressure_compr
     assert pressure / relax.GPA_IN_EV_PER_A3 == pytest.approx(100.0, rel=0.03)
 
 
-def test_relax_crystals_refuses_other_elements_and_returns_untrusted_rows_unchanged():
-    """Non-carbon crystals are refused; a crystal whose neighbours overflow the list is kept as it came."""
+def test_relax_crystals_returns_untrusted_and_non_carbon_rows_unchanged(caplog):
+    """A crystal whose neighbours overflow the list, or that holds another element, is kept as it came; no carbon at all is refused."""
     frac, lat = diamond(3.566)
+    silicon = np.array([6] * 7 + [14])
     with pytest.raises(ValueError, match="carbon only"):
-        relax.relax_crystals(CrystalSet(np.array([8]), np.array([6] * 7 + [14]), frac, np.full((1, 3), 3.566),
-                                        np.full((1, 3), 90.0)), progress=False)
+        relax.relax_crystals(CrystalSet(np.array([8]), silicon, frac, np.full((1, 3), 3.566), np.full((1, 3), 90.0)),
+                             progress=False)
     rng = np.random.default_rng(3)
     crowded = rng.random((8, 3))
-    cs = CrystalSet(np.array([8, 8]), np.full(16, 6), np.concatenate([frac, crowded]),
-                    np.array([[3.566] * 3, [2.2] * 3]), np.full((2, 3), 90.0))
+    noisy = (frac + rng.normal(0, 0.02, frac.shape)) % 1.0
+    cs = CrystalSet(np.array([8, 8, 8]), np.concatenate([np.full(16, 6), silicon]), np.concatenate([frac, crowded, noisy]),
+                    np.array([[3.566] * 3, [2.2] * 3, [3.566] * 3]), np.full((3, 3), 90.0))
     out = relax.relax_crystals(cs, relax.RelaxConfig(steps=50, max_neighbors=4), progress=False)
-    assert out.kept.tolist() == [True, False]
-    assert np.array_equal(out.crystals.frac_coords[8:], crowded)
-    assert np.isnan(out.energy_per_atom[1])
+    assert out.kept.tolist() == [True, False, False]
+    assert np.array_equal(out.crystals.frac_coords[8:], cs.frac_coords[8:])
+    assert np.isnan(out.energy_per_atom[1:]).all()
+    assert "1 of 3 crystals hold elements other than carbon" in caplog.text
     assert np.allclose(out.crystals.lengths[0], 3.566, atol=1e-4)
 
 

@@ -151,11 +151,20 @@ def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run,
     assert summary["sampler"]["quench_steps"] == 2 and summary["sampler"]["band_temp"] == 0.5
     assert summary["sampler"]["fit_counts"] is False  # the preset's True, overridden
     assert summary["num_written"] + summary["num_rejected"] == 4
+    # Carbon-24's default relaxes after sampling; the tiny run's crystals hold other elements, so none is relaxed
+    # and each is kept as sampled (unrelaxed.npz beside samples.npz, the same arrays).
+    assert summary["sampler"]["relax"] == "fixed" and summary["relax"]["num_crystals"] == summary["num_written"]
+    if summary["num_written"]:
+        with np.load(out / "unrelaxed.npz") as z, np.load(out / "samples.npz") as final, np.load(out / "relax.npz") as rec:
+            assert np.array_equal(z["frac_coords"], final["frac_coords"]) == (not rec["kept"].any())
     before = _folder_digest(out)
     assert cli.main(args + ["--seed", "1"]) == 2
     assert "not empty" in capsys.readouterr().err and _folder_digest(out) == before
     assert cli.main(args + ["--seed", "1", "--overwrite", "--preset", "paper"]) == 0
     assert json.loads((out / "summary.json").read_text())["preset"] == "paper"
+    assert not (out / "unrelaxed.npz").exists()  # the paper setting does not relax
+    assert cli.main(args + ["--overwrite", "--no-relax"]) == 0
+    assert json.loads((out / "summary.json").read_text())["sampler"]["relax"] is None
 
 
 def test_the_score_network_can_come_from_another_kept_checkpoint(full_run, tmp_path):
