@@ -64,11 +64,15 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "default_unrelaxed": ("default", "latest", {}),
 }
 # The crystals of another variant (sampled first where missing), relaxed in Tersoff's carbon potential at fixed
-# cell (symat_jax.relax), as the `default` preset does after its chains; the chain's settings are that variant's.
-# Every other variant's crystals are the chain's, unrelaxed.
-RELAXED_OF = {"default": "default_unrelaxed", "default_noretry_relaxed": "default_noretry",
-              "default_25x10_relaxed": "default_25x10"}
-VARIANTS.update({name: VARIANTS[base] for name, base in RELAXED_OF.items()})
+# cell (symat_jax.relax), as the `default` preset does after its chains: kept where no atom leaves 3-4-fold
+# coordination within 1.8 A (GUARDED, the preset's rule) or always (ALL). The chain's settings are the base
+# variant's; every other variant's crystals are the chain's, unrelaxed.
+GUARDED = relax.RelaxConfig(keep_coordination=(3, 4), bond_cutoff=1.8)
+ALL = relax.RelaxConfig()
+RELAXED_OF: dict[str, tuple[str, relax.RelaxConfig]] = {
+    "default": ("default_unrelaxed", GUARDED), "default_relax_all": ("default_unrelaxed", ALL),
+    "default_noretry_relaxed": ("default_noretry", ALL), "default_25x10_relaxed": ("default_25x10", GUARDED)}
+VARIANTS.update({name: VARIANTS[base] for name, (base, _) in RELAXED_OF.items()})
 # Variants whose first chain is another variant's chain (same preset, checkpoint, weights and sampler settings):
 # reused where that variant is sampled.
 FIRST_PASS_OF = {"default_unrelaxed": "default_noretry", "default_retry_same": "default_noretry"}
@@ -122,13 +126,14 @@ def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, nu
 def relax_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, num: int, batch_size: int,
                   bucket_multiple: int, seed: int) -> dict[str, Any]:
     """Relax the crystals of the variant ``name`` builds on (sampling it first where missing) into ``out``; return the summary."""
-    base = out.parent / RELAXED_OF[name]
+    base_name, cfg = RELAXED_OF[name]
+    base = out.parent / base_name
     if not (base / "summary.json").exists():
-        sample_variant(workdir, RELAXED_OF[name], base, num, batch_size, bucket_multiple, seed)
+        sample_variant(workdir, base_name, base, num, batch_size, bucket_multiple, seed)
     base_summary = json.loads((base / "summary.json").read_text())
     if base_summary.get("num_requested") != num:
         raise ValueError(f"{base} holds {base_summary.get('num_requested')} samples, not {num}: relax in a new --root")
-    relaxed = relax_cli.relax_samples(base, out, relax.RelaxConfig(cell="fixed"), cif=False, overwrite=True)
+    relaxed = relax_cli.relax_samples(base, out, cfg, cif=False, overwrite=True)
     # The sampling's time counts: a relaxed variant costs its chains plus the relaxation per crystal.
     sampler = dict(base_summary.get("sampler", {}), relax="fixed")
     summary = dict(base_summary, variant=name, relaxed_from=str(base), relax=relaxed, sampler=sampler,

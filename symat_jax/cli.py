@@ -262,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pressure", type=float, default=0.0, help="GPa, with --cell free (Carbon-24 was relaxed at 10)")
     p.add_argument("--steps", type=positive_int, default=1000, help="FIRE steps at most")
     p.add_argument("--fmax", type=positive_float, default=0.01, help="converged below this force (eV/A)")
+    p.add_argument("--keep-coordination", type=non_negative_int, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="keep a relaxed crystal only where no fewer atoms have LOW-HIGH neighbours within "
+                        "--bond-cutoff than before (carbon: 3 4); default: keep every relaxation")
+    p.add_argument("--bond-cutoff", type=positive_float, default=1.8, help="A, with --keep-coordination")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p = sub.add_parser("fit-prior", help="fit the latent prior of a trained run to its encoded training set")
@@ -317,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from symat_jax.relax import RelaxConfig
             from symat_jax.relax_cli import relax_samples
 
-            cfg = RelaxConfig(steps=args.steps, fmax=args.fmax, cell=args.cell, pressure=args.pressure)
+            cfg = RelaxConfig(steps=args.steps, fmax=args.fmax, cell=args.cell, pressure=args.pressure,
+                              keep_coordination=args.keep_coordination, bond_cutoff=args.bond_cutoff)
             print(json.dumps(relax_samples(args.samples, args.out, cfg, batch_size=args.batch_size,
                                            overwrite=args.overwrite), indent=1))
         elif args.command == "fit-prior":

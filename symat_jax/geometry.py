@@ -105,6 +105,13 @@ def neighbor_distances(frac: np.ndarray, lattice: np.ndarray, cutoff: float) -> 
     return [np.sort(row[(row > 1e-6) & (row <= cutoff)]) for row in d]
 
 
+def coordination_in_range(frac: np.ndarray, lengths: np.ndarray, angles: np.ndarray, cutoff: float,
+                          low: int, high: int) -> float:
+    """Return the share of a crystal's atoms with ``low`` to ``high`` neighbours within ``cutoff`` (A; host-side)."""
+    counts = np.array([len(r) for r in neighbor_distances(frac, lattice_matrix_np(lengths, angles), cutoff)])
+    return float(np.mean((counts >= low) & (counts <= high))) if len(counts) else 1.0
+
+
 def volume_factor(angles_deg: np.ndarray) -> float:
     """Return ``(V / (a b c))^2`` for cell angles in degrees (<= 0 for an impossible cell; host-side)."""
     ca, cb, cg = np.cos(np.deg2rad(np.asarray(angles_deg, dtype=np.float64)))

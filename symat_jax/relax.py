@@ -64,6 +64,11 @@ class RelaxConfig:
     ``cell``: ``"fixed"`` keeps each generated lattice (positions only);
     ``"free"`` relaxes the lattice too, at ``pressure`` (Carbon-24's crystals
     were relaxed at 10 GPa). ``max_step`` (A) caps any atom's move per step.
+    ``keep_coordination = (low, high)``: a relaxed crystal replaces the
+    sampled one only when at least as many of its atoms have ``low`` to
+    ``high`` neighbours within ``bond_cutoff`` (A) as before (the retry's rule:
+    Tersoff's potential cuts bonds off at 1.8-2.1 A and may break stretched
+    ones); None keeps every trusted relaxation.
     """
 
     steps: int = 1000
@@ -72,9 +77,17 @@ class RelaxConfig:
     pressure: float = 0.0
     max_step: float = 0.1
     max_neighbors: int = 16
+    keep_coordination: tuple[int, int] | None = None
+    bond_cutoff: float = 1.8
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot describe a relaxation."""
+        if self.keep_coordination is not None:
+            low, high = (int(v) for v in self.keep_coordination)
+            if not 0 <= low <= high or not self.bond_cutoff > 0:
+                raise ValueError(f"keep_coordination must be (low, high) with 0 <= low <= high and bond_cutoff > 0, "
+                                 f"got {self.keep_coordination!r}, {self.bond_cutoff!r}")
+            object.__setattr__(self, "keep_coordination", (low, high))
         if self.cell not in ("fixed", "free"):
             raise ValueError(f"cell must be 'fixed' or 'free', got {self.cell!r}")
         if self.steps < 1 or not self.fmax > 0 or not self.max_step > 0 or self.max_neighbors < 1:
@@ -240,8 +253,9 @@ class Relaxed(NamedTuple):
     """A relaxed crystal set and per crystal: energy per atom (eV), residual force (eV/A), FIRE steps, converged, kept.
 
     ``kept`` is False where the relaxation could not be trusted (neighbour
-    overflow, a non-finite result, a collapsed cell): that crystal is returned
-    as it came in.
+    overflow, a non-finite result, a collapsed cell, another element) or was
+    ``reverted`` by ``RelaxConfig.keep_coordination``: that crystal is
+    returned as it came in.
     """
 
     crystals: CrystalSet
@@ -250,6 +264,7 @@ class Relaxed(NamedTuple):
     steps: np.ndarray
     converged: np.ndarray
     kept: np.ndarray
+    reverted: np.ndarray
 
 
 def relax_crystals(crystals: CrystalSet, cfg: RelaxConfig = RelaxConfig(), batch_size: int = 256,
@@ -308,10 +323,22 @@ def relax_crystals(crystals: CrystalSet, cfg: RelaxConfig = RelaxConfig(), batch
         fmax[rows] = trace.fmax[t]
         steps[rows] = trace.steps[t]
         kept[rows] = ok
+    reverted = np.zeros(c, bool)
+    if cfg.keep_coordination is not None:
+        low, high = cfg.keep_coordination
+        for i in np.flatnonzero(kept):
+            a, b = crystals.offsets[i], crystals.offsets[i + 1]
+            before = geometry.coordination_in_range(crystals.frac_coords[a:b], crystals.lengths[i],
+                                                    crystals.angles[i], cfg.bond_cutoff, low, high)
+            after = geometry.coordination_in_range(out_frac[i, : b - a], lengths[i], angles[i], cfg.bond_cutoff,
+                                                   low, high)
+            reverted[i] = after < before
+        kept &= ~reverted
+        lengths[reverted], angles[reverted] = crystals.lengths[reverted], crystals.angles[reverted]
     # An untrusted row keeps its own coordinates exactly (no float32 round trip).
     atom_kept = np.repeat(kept, crystals.num_atoms)
     frac_out = np.where(atom_kept[:, None], out_frac[mask], crystals.frac_coords)
     relaxed = CrystalSet(crystals.num_atoms.copy(), crystals.atom_types.copy(), frac_out, lengths, angles,
                          crystals.num_rejected)
     converged = kept & (fmax < cfg.fmax)
-    return Relaxed(relaxed, np.where(kept, energy, np.nan), fmax, steps, converged, kept)
+    return Relaxed(relaxed, np.where(kept, energy, np.nan), fmax, steps, converged, kept, reverted)

@@ -102,7 +102,7 @@ def _relax_arrays(arrays: dict[str, np.ndarray], cfg: relax.RelaxConfig, batch_s
     relaxed = dict(arrays, frac_coords=result.crystals.frac_coords, lengths=result.crystals.lengths,
                    angles=result.crystals.angles)
     record = dict(energy_per_atom=result.energy_per_atom, fmax=result.fmax, steps=result.steps,
-                  converged=result.converged, kept=result.kept)
+                  converged=result.converged, kept=result.kept, reverted=result.reverted)
     energy = result.energy_per_atom[result.kept]
     summary = {
         "relax": dataclasses.asdict(cfg),
@@ -110,6 +110,7 @@ def _relax_arrays(arrays: dict[str, np.ndarray], cfg: relax.RelaxConfig, batch_s
         "num_crystals": len(crystals),
         "num_kept": int(result.kept.sum()),
         "num_converged": int(result.converged.sum()),
+        "num_reverted": int(result.reverted.sum()),
         "median_steps": float(np.median(result.steps)) if len(crystals) else None,
         "energy_per_atom_quantiles": np.quantile(energy, [0.05, 0.5, 0.95]).round(4).tolist() if energy.size else [],
         "relax_seconds": round(seconds, 2),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import jax
@@ -160,8 +161,30 @@ def test_relax_crystals_returns_untrusted_and_non_carbon_rows_unchanged(caplog):
     assert np.allclose(out.crystals.lengths[0], 3.566, atol=1e-4)
 
 
+def test_keep_coordination_reverts_exactly_the_relaxations_that_lose_atoms_in_range():
+    """A relaxation is undone where fewer atoms end with a neighbour count in range than began with it, kept elsewhere."""
+    frac, lat = diamond(3.566)
+    rng = np.random.default_rng(6)
+    starts = [(frac + rng.normal(0, 0.03, frac.shape)) % 1.0 for _ in range(3)]
+    cs = CrystalSet(np.full(3, 8), np.full(24, 6), np.concatenate(starts), np.full((3, 3), 3.566), np.full((3, 3), 90.0))
+    plain = relax.relax_crystals(cs, relax.RelaxConfig(steps=300), progress=False)
+    # "At most 3 neighbours within 1.6 A": the relaxed diamond has 4 at 1.544 A on every atom, so a start with any
+    # atom at most 3-fold loses it; "exactly 4" is what relaxed diamond has, so nothing is undone.
+    for rule, expect_revert in (((0, 3), True), ((4, 4), False)):
+        before = np.array([geometry.coordination_in_range(s, [3.566] * 3, [90.0] * 3, 1.6, *rule) for s in starts])
+        out = relax.relax_crystals(cs, relax.RelaxConfig(steps=300, keep_coordination=rule, bond_cutoff=1.6),
+                                   progress=False)
+        assert out.reverted.tolist() == ((before > 0) if expect_revert else np.zeros(3, bool)).tolist()
+        assert (out.kept == ~out.reverted).all()
+        for i in range(3):
+            expected = starts[i] if out.reverted[i] else plain.crystals.crystal(i)[3]
+            np.testing.assert_allclose(out.crystals.crystal(i)[3], expected, atol=1e-6)
+        if expect_revert:
+            assert out.reverted.any()  # the check above would pass vacuously without a start to undo
+
+
 @pytest.mark.parametrize("bad", [{"cell": "npt"}, {"steps": 0}, {"fmax": 0.0}, {"cell": "free", "pressure": float("nan")},
-                                 {"pressure": 10.0}])
+                                 {"pressure": 10.0}, {"keep_coordination": (4, 3)}])
 def test_relax_config_refuses_settings_that_describe_no_relaxation(bad):
     """Unknown cell modes, no steps, a zero force threshold, a NaN pressure or a pressure on a fixed cell are refused."""
     with pytest.raises(ValueError):
@@ -224,6 +247,11 @@ def test_symat_relax_writes_a_new_folder_and_leaves_the_samples_alone(tmp_path):
     dists = geometry.neighbor_distances(relaxed.crystal(0)[3], 3.566 * np.eye(3), 1.8)
     assert np.allclose(np.concatenate(dists), 1.544, atol=2e-3)
     assert sorted(p.name for p in (out / "cif").iterdir()) == ["0.cif", "2.cif"]
+    guarded = tmp_path / "guarded"
+    assert cli.main(["relax", "--samples", str(src), "--out", str(guarded), "--steps", "300",
+                     "--keep-coordination", "4", "4"]) == 0  # relaxed diamond is 4-fold: nothing undone
+    summary = json.loads((guarded / "summary.json").read_text())
+    assert summary["relax"]["keep_coordination"] == [4, 4] and summary["num_reverted"] == 0
     # A second run into the same folder is refused without --overwrite, and changes nothing there.
     kept = (out / "samples.npz").read_bytes()
     assert cli.main(["relax", "--samples", str(src), "--out", str(out)]) != 0

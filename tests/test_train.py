@@ -154,6 +154,7 @@ def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run,
     # Carbon-24's default relaxes after sampling; the tiny run's crystals hold other elements, so none is relaxed
     # and each is kept as sampled (unrelaxed.npz beside samples.npz, the same arrays).
     assert summary["sampler"]["relax"] == "fixed" and summary["relax"]["num_crystals"] == summary["num_written"]
+    assert summary["relax"]["relax"]["keep_coordination"] == [3, 4]  # the retry's rule guards the relaxation
     if summary["num_written"]:
         with np.load(out / "unrelaxed.npz") as z, np.load(out / "samples.npz") as final, np.load(out / "relax.npz") as rec:
             assert np.array_equal(z["frac_coords"], final["frac_coords"]) == (not rec["kept"].any())
