@@ -3,7 +3,8 @@
 The source folder is only read. The new folder holds ``samples.npz`` (the
 source's arrays with the relaxed coordinates and cells, same order),
 ``unrelaxed.npz`` (the source's crystals as sampled), ``relax.npz`` (per
-crystal: energy per atom, residual force, FIRE steps, converged, kept),
+crystal: energy per atom, residual force, FIRE steps, converged, kept,
+reverted by the coordination rule),
 ``rejects.json`` (the source's, so evaluation still counts them), CIF files
 and ``summary.json``.
 """
@@ -92,8 +93,8 @@ def _load_arrays(file: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _relax_arrays(arrays: dict[str, np.ndarray], cfg: relax.RelaxConfig, batch_size: int,
-                  progress: bool, strict: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Return ``(the arrays with relaxed coordinates and cells plus the per-crystal record, a summary)``."""
+                  progress: bool, strict: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """Return ``({"samples": the arrays with relaxed coordinates and cells, "record": per-crystal record}, a summary)``."""
     crystals = CrystalSet(*(np.asarray(arrays[k]) for k in ("num_atoms", "atom_types", "frac_coords", "lengths",
                                                              "angles")))
     t0 = time.perf_counter()
