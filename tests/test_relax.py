@@ -161,6 +161,25 @@ def test_relax_crystals_returns_untrusted_and_non_carbon_rows_unchanged(caplog):
     assert np.allclose(out.crystals.lengths[0], 3.566, atol=1e-4)
 
 
+def test_a_set_of_mixed_sizes_relaxes_as_each_crystal_alone():
+    """Batching by size (and padding to each batch's largest crystal) changes no crystal's result, nor the order."""
+    rng = np.random.default_rng(7)
+    frac, _ = diamond(3.566)
+    double = np.concatenate([frac * [0.5, 1, 1], frac * [0.5, 1, 1] + [0.5, 0, 0]])
+    a = 1.46 * math.sqrt(3)
+    parts = [(double, [7.132, 3.566, 3.566], [90.0] * 3), (np.array([[0, 0, 0], [1 / 3, 1 / 3, 0]]), [a, a, 8.0],
+             [90.0, 90.0, 60.0]), (frac, [3.566] * 3, [90.0] * 3)]
+    noisy = [(f + rng.normal(0, 0.01, f.shape)) % 1.0 for f, _, _ in parts]
+    cs = CrystalSet(np.array([16, 2, 8]), np.full(26, 6), np.concatenate(noisy), np.array([p[1] for p in parts]),
+                    np.array([p[2] for p in parts]))
+    cfg = relax.RelaxConfig(steps=200)
+    together = relax.relax_crystals(cs, cfg, batch_size=2, progress=False)
+    for i in range(3):
+        alone = relax.relax_crystals(cs.subset([i]), cfg, progress=False)
+        np.testing.assert_allclose(together.crystals.crystal(i)[3], alone.crystals.crystal(0)[3], atol=1e-5)
+        assert together.energy_per_atom[i] == pytest.approx(alone.energy_per_atom[0], abs=1e-5)
+
+
 def test_keep_coordination_reverts_exactly_the_relaxations_that_lose_atoms_in_range():
     """A relaxation is undone where fewer atoms end with a neighbour count in range than began with it, kept elsewhere."""
     frac, lat = diamond(3.566)
