@@ -50,9 +50,9 @@ def relax_samples(samples: str | pathlib.Path, out: str | pathlib.Path, cfg: rel
         raise ValueError(f"--out {out} is the folder of the samples; relax into a new folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} is not empty; choose a new folder or pass --overwrite to replace its contents")
-    arrays = _load_arrays(src)
+    crystals, arrays = _load_arrays(src)
     rejects = src.parent / "rejects.json"
-    relaxed, summary = _relax_arrays(arrays, cfg, batch_size, progress)
+    relaxed, summary = _relax_arrays(crystals, arrays, cfg, batch_size, progress)
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,29 +74,27 @@ def relax_in_place(folder: str | pathlib.Path, cfg: relax.RelaxConfig, *, batch_
     with np.load(folder / "samples.npz") as z:
         if not len(z["num_atoms"]):  # every crystal rejected: nothing to relax
             return {"relax": dataclasses.asdict(cfg), "num_crystals": 0}
-    arrays = _load_arrays(folder / "samples.npz")
+    crystals, arrays = _load_arrays(folder / "samples.npz")
     # A carbon run's decoder that gave other elements (an untrained one) leaves those crystals unrelaxed, with a
     # warning: the sampled crystals are the work to keep.
-    relaxed, summary = _relax_arrays(arrays, cfg, batch_size, progress, strict=False)
+    relaxed, summary = _relax_arrays(crystals, arrays, cfg, batch_size, progress, strict=False)
     _write_relaxed(folder, arrays, relaxed, cif)
     return summary
 
 
-def _load_arrays(file: pathlib.Path) -> dict[str, np.ndarray]:
-    """Return the arrays of a one-batch CDVAE-layout ``samples.npz`` (checked by :meth:`CrystalSet.from_samples`)."""
-    CrystalSet.from_samples(file)
+def _load_arrays(file: pathlib.Path) -> tuple[CrystalSet, dict[str, np.ndarray]]:
+    """Return ``(its crystals, every array)`` of a one-batch CDVAE-layout ``samples.npz`` (checked by :meth:`CrystalSet.from_samples`)."""
+    crystals = CrystalSet.from_samples(file)
     with np.load(file, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     if arrays["num_atoms"].ndim != 1:
         raise ValueError(f"{file}: relax one evaluation batch at a time (num_atoms has shape {arrays['num_atoms'].shape})")
-    return arrays
+    return crystals, arrays
 
 
-def _relax_arrays(arrays: dict[str, np.ndarray], cfg: relax.RelaxConfig, batch_size: int,
+def _relax_arrays(crystals: CrystalSet, arrays: dict[str, np.ndarray], cfg: relax.RelaxConfig, batch_size: int,
                   progress: bool, strict: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Return ``({"samples": the arrays with relaxed coordinates and cells, "record": per-crystal record}, a summary)``."""
-    crystals = CrystalSet(*(np.asarray(arrays[k]) for k in ("num_atoms", "atom_types", "frac_coords", "lengths",
-                                                             "angles")))
     t0 = time.perf_counter()
     result = relax.relax_crystals(crystals, cfg, batch_size=batch_size, progress=progress, strict=strict)
     seconds = time.perf_counter() - t0
