@@ -65,13 +65,19 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 # The crystals of another variant (sampled first where missing), relaxed in Tersoff's carbon potential at fixed
 # cell (symat_jax.relax), as the `default` preset does after its chains: kept where no atom leaves 3-4-fold
-# coordination within 1.8 A (GUARDED, the preset's rule) or always (ALL). The chain's settings are the base
-# variant's; every other variant's crystals are the chain's, unrelaxed.
+# coordination within 1.8 A (GUARDED) or always (ALL), then (HOPS) rounds of basin hopping for crystals above the
+# data's energy. `default` relaxes as the Carbon-24 preset does (configs.SamplerConfig.relax_config). The chain's
+# settings are the base variant's; every other variant's crystals are the chain's, unrelaxed.
 GUARDED = relax.RelaxConfig(keep_coordination=(3, 4), bond_cutoff=1.8)
 ALL = relax.RelaxConfig()
+HOPS = 6
 RELAXED_OF: dict[str, tuple[str, relax.RelaxConfig]] = {
-    "default": ("default_unrelaxed", GUARDED), "default_relax_all": ("default_unrelaxed", ALL),
-    "default_noretry_relaxed": ("default_noretry", ALL), "default_25x10_relaxed": ("default_25x10", GUARDED)}
+    "default": ("default_unrelaxed", configs.get_sampler_config("carbon_24", "default").relax_config()),
+    "default_guarded": ("default_unrelaxed", GUARDED), "default_relax_all": ("default_unrelaxed", ALL),
+    "default_hops_all": ("default_unrelaxed", dataclasses.replace(ALL, hops=HOPS)),
+    "default_hops_guarded": ("default_unrelaxed", dataclasses.replace(GUARDED, hops=HOPS)),
+    "default_noretry_relaxed": ("default_noretry", ALL), "default_25x10_relaxed": ("default_25x10", GUARDED),
+    "default_25x10_hops": ("default_25x10", dataclasses.replace(ALL, hops=HOPS))}
 VARIANTS.update({name: VARIANTS[base] for name, (base, _) in RELAXED_OF.items()})
 # Variants whose first chain is another variant's chain (same preset, checkpoint, weights and sampler settings):
 # reused where that variant is sampled.
@@ -133,9 +139,10 @@ def relax_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, num
     base_summary = json.loads((base / "summary.json").read_text())
     if base_summary.get("num_requested") != num:
         raise ValueError(f"{base} holds {base_summary.get('num_requested')} samples, not {num}: relax in a new --root")
-    relaxed = relax_cli.relax_samples(base, out, cfg, cif=False, overwrite=True)
+    relaxed = relax_cli.relax_samples(base, out, cfg, cif=False, overwrite=True, seed=seed)
     # The sampling's time counts: a relaxed variant costs its chains plus the relaxation per crystal.
-    sampler = dict(base_summary.get("sampler", {}), relax="fixed")
+    sampler = dict(base_summary.get("sampler", {}), relax=cfg.cell, relax_guard=cfg.keep_coordination is not None,
+                   relax_hops=cfg.hops)
     summary = dict(base_summary, variant=name, relaxed_from=str(base), relax=relaxed, sampler=sampler,
                    run_seconds=round(base_summary["run_seconds"] + relaxed["relax_seconds"], 2))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

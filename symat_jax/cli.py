@@ -253,6 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(the Carbon-24 default preset: fixed); the sampled crystals stay in unrelaxed.npz")
     p.add_argument("--no-relax", dest="relax", action="store_const", const="none",
                    help="no relaxation (drops the preset's)")
+    p.add_argument("--relax-hops", type=non_negative_int, default=None,
+                   help="rounds of basin hopping after the relaxation for crystals above the data's energy "
+                        "(default: the preset's; 0: none)")
+    p.add_argument("--relax-guard", dest="relax_guard", action="store_true", default=None,
+                   help="undo relaxations and hops that leave fewer atoms in the retry's coordination range")
+    p.add_argument("--no-relax-guard", dest="relax_guard", action="store_false",
+                   help="keep every relaxation and every lower-energy hop (default: the preset's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p = sub.add_parser("relax", help="relax generated carbon crystals in Tersoff's potential (FIRE) into a new folder")
     p.add_argument("--samples", required=True, help="samples.npz in the CDVAE layout or the folder holding it (only read)")
@@ -266,6 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="keep a relaxed crystal only where no fewer atoms have LOW-HIGH neighbours within "
                         "--bond-cutoff than before (carbon: 3 4); default: keep every relaxation")
     p.add_argument("--bond-cutoff", type=positive_float, default=1.8, help="A, with --keep-coordination")
+    p.add_argument("--hops", type=non_negative_int, default=0,
+                   help="rounds of basin hopping: crystals above --hop-above are rattled by --hop-sigma and "
+                        "relaxed again, kept where their energy drops")
+    p.add_argument("--hop-sigma", type=positive_float, default=0.3, help="A, the hops' Gaussian displacement")
+    p.add_argument("--hop-above", type=float, default=None,
+                   help="eV/atom; crystals above it hop (default: 95%% of Carbon-24's training crystals relax below)")
+    p.add_argument("--seed", type=int, default=0, help="draws the hops' displacements")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p = sub.add_parser("fit-prior", help="fit the latent prior of a trained run to its encoded training set")
@@ -309,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.workdir, args.num, args.out, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
                 checkpoint=args.checkpoint, weights=args.weights, score_checkpoint=args.score_checkpoint,
                 retry_checkpoint=args.retry_score_checkpoint, retry_coordination=args.retry_coordination,
-                retry_cutoff=args.retry_cutoff, relax=args.relax,
+                retry_cutoff=args.retry_cutoff, relax=args.relax, relax_hops=args.relax_hops,
+                relax_guard=args.relax_guard,
                 overwrite=args.overwrite, num_levels=args.levels,
                 steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
                 prior=args.prior, band=None if args.band is None else tuple(args.band), band_steps=args.band_steps,
@@ -321,10 +336,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from symat_jax.relax import RelaxConfig
             from symat_jax.relax_cli import relax_samples
 
+            hop_above = {} if args.hop_above is None else {"hop_above": args.hop_above}
             cfg = RelaxConfig(steps=args.steps, fmax=args.fmax, cell=args.cell, pressure=args.pressure,
-                              keep_coordination=args.keep_coordination, bond_cutoff=args.bond_cutoff)
+                              keep_coordination=args.keep_coordination, bond_cutoff=args.bond_cutoff,
+                              hops=args.hops, hop_sigma=args.hop_sigma, **hop_above)
             print(json.dumps(relax_samples(args.samples, args.out, cfg, batch_size=args.batch_size,
-                                           overwrite=args.overwrite), indent=1))
+                                           overwrite=args.overwrite, seed=args.seed), indent=1))
         elif args.command == "fit-prior":
             from symat_jax.latents import fit_prior
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from symat_jax.data import registry
 from symat_jax.networks import SphereNetConfig
 from symat_jax.prior import canonical_prior_kind
+
+if TYPE_CHECKING:
+    from symat_jax.relax import RelaxConfig
 
 PRESETS = ("paper", "quick")
 SAMPLER_PRESETS = ("paper", "default")
@@ -246,8 +249,11 @@ class SamplerConfig:
     retry_cutoff: float = 1.8
     # After sampling (host side, symat_jax.relax): relax each carbon crystal in Tersoff's potential, "fixed" cell
     # or "free" cell (0 GPa); the sampled crystals are kept beside the relaxed ones. With retry_coordination, a
-    # relaxation that leaves fewer atoms in that range is undone. None: no relaxation.
+    # relaxation that leaves fewer atoms in that range is undone (relax_guard; False keeps every relaxation).
+    # relax_hops rounds of basin hopping follow (symat_jax.relax.RelaxConfig.hops). None: no relaxation.
     relax: str | None = None
+    relax_guard: bool = True
+    relax_hops: int = 0
 
     def __post_init__(self) -> None:
         # One spelling inside the library, whichever name (or alias) the caller used.
@@ -267,6 +273,24 @@ class SamplerConfig:
             object.__setattr__(self, "relax", None)  # the CLI's --no-relax
         if self.relax not in (None, "fixed", "free"):
             raise ValueError(f"relax must be None, 'fixed' or 'free', got {self.relax!r}")
+        if self.relax_hops < 0:
+            raise ValueError(f"relax_hops must be >= 0, got {self.relax_hops!r}")
+
+    def host_only(self) -> "SamplerConfig":
+        """Return this config without the stages that run on the host after the chain (retry, relaxation)."""
+        return dataclasses.replace(self, retry_coordination=None, relax=None, relax_guard=True, relax_hops=0)
+
+    def relax_config(self) -> "RelaxConfig | None":
+        """Return the ``symat_jax.relax.RelaxConfig`` of this sampler's relaxation (None without one).
+
+        The retry's coordination rule guards the relaxation and its hops (``relax_guard``).
+        """
+        if self.relax is None:
+            return None
+        from symat_jax.relax import RelaxConfig  # noqa: F811 (the module needs jax; configs stays light)
+
+        guard = self.retry_coordination if self.relax_guard else None
+        return RelaxConfig(cell=self.relax, keep_coordination=guard, bond_cutoff=self.retry_cutoff, hops=self.relax_hops)
 
     @classmethod
     def paper(cls, dataset: str, **overrides: Any) -> "SamplerConfig":

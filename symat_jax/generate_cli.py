@@ -108,9 +108,7 @@ def run_sample(
     (pathlib.Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
     if cfg.relax is not None:
         # The sampled crystals are on disk first: a failed relaxation loses nothing that was sampled.
-        # The preset's coordination rule (the retry's) also decides which relaxations to keep.
-        rcfg = relax.RelaxConfig(cell=cfg.relax, keep_coordination=cfg.retry_coordination, bond_cutoff=cfg.retry_cutoff)
-        summary["relax"] = relax_in_place(out, rcfg, batch_size=batch_size)
+        summary["relax"] = relax_in_place(out, cfg.relax_config(), batch_size=batch_size, seed=seed)
         summary["total_seconds"] = round(time.perf_counter() - t0, 2)
         (pathlib.Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

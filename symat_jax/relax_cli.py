@@ -4,7 +4,7 @@ The source folder is only read. The new folder holds ``samples.npz`` (the
 source's arrays with the relaxed coordinates and cells, same order),
 ``unrelaxed.npz`` (the source's crystals as sampled), ``relax.npz`` (per
 crystal: energy per atom, residual force, FIRE steps, converged, kept,
-reverted by the coordination rule),
+reverted by the coordination rule, basin-hopping moves accepted),
 ``rejects.json`` (the source's, so evaluation still counts them), CIF files
 and ``summary.json``.
 """
@@ -38,7 +38,7 @@ def _source_file(samples: str | pathlib.Path) -> pathlib.Path:
 
 def relax_samples(samples: str | pathlib.Path, out: str | pathlib.Path, cfg: relax.RelaxConfig = relax.RelaxConfig(),
                   *, batch_size: int = 256, overwrite: bool = False, cif: bool = True,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, seed: int = 0) -> dict[str, Any]:
     """Relax the crystals of ``samples`` into the folder ``out`` and return the summary written there.
 
     ``out`` must be new or empty (``overwrite`` clears it once the relaxed
@@ -52,7 +52,7 @@ def relax_samples(samples: str | pathlib.Path, out: str | pathlib.Path, cfg: rel
         raise ValueError(f"--out {out} is not empty; choose a new folder or pass --overwrite to replace its contents")
     crystals, arrays = _load_arrays(src)
     rejects = src.parent / "rejects.json"
-    relaxed, summary = _relax_arrays(crystals, arrays, cfg, batch_size, progress)
+    relaxed, summary = _relax_arrays(crystals, arrays, cfg, batch_size, progress, seed=seed)
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def relax_samples(samples: str | pathlib.Path, out: str | pathlib.Path, cfg: rel
 
 
 def relax_in_place(folder: str | pathlib.Path, cfg: relax.RelaxConfig, *, batch_size: int = 256, cif: bool = True,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, seed: int = 0) -> dict[str, Any]:
     """Relax the ``samples.npz`` that ``symat sample`` just wrote in ``folder``; the sampled crystals move to ``unrelaxed.npz``. Return the relaxation's summary.
 
     The sampled crystals are written before this runs, so a failed
@@ -77,7 +77,7 @@ def relax_in_place(folder: str | pathlib.Path, cfg: relax.RelaxConfig, *, batch_
     crystals, arrays = _load_arrays(folder / "samples.npz")
     # A carbon run's decoder that gave other elements (an untrained one) leaves those crystals unrelaxed, with a
     # warning: the sampled crystals are the work to keep.
-    relaxed, summary = _relax_arrays(crystals, arrays, cfg, batch_size, progress, strict=False)
+    relaxed, summary = _relax_arrays(crystals, arrays, cfg, batch_size, progress, strict=False, seed=seed)
     _write_relaxed(folder, arrays, relaxed, cif)
     return summary
 
@@ -93,15 +93,16 @@ def _load_arrays(file: pathlib.Path) -> tuple[CrystalSet, dict[str, np.ndarray]]
 
 
 def _relax_arrays(crystals: CrystalSet, arrays: dict[str, np.ndarray], cfg: relax.RelaxConfig, batch_size: int,
-                  progress: bool, strict: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+                  progress: bool, strict: bool = True,
+                  seed: int = 0) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Return ``({"samples": the arrays with relaxed coordinates and cells, "record": per-crystal record}, a summary)``."""
     t0 = time.perf_counter()
-    result = relax.relax_crystals(crystals, cfg, batch_size=batch_size, progress=progress, strict=strict)
+    result = relax.relax_crystals(crystals, cfg, batch_size=batch_size, progress=progress, strict=strict, seed=seed)
     seconds = time.perf_counter() - t0
     relaxed = dict(arrays, frac_coords=result.crystals.frac_coords, lengths=result.crystals.lengths,
                    angles=result.crystals.angles)
     record = dict(energy_per_atom=result.energy_per_atom, fmax=result.fmax, steps=result.steps,
-                  converged=result.converged, kept=result.kept, reverted=result.reverted)
+                  converged=result.converged, kept=result.kept, reverted=result.reverted, hops=result.hops)
     energy = result.energy_per_atom[result.kept]
     summary = {
         "relax": dataclasses.asdict(cfg),
@@ -110,6 +111,8 @@ def _relax_arrays(crystals: CrystalSet, arrays: dict[str, np.ndarray], cfg: rela
         "num_kept": int(result.kept.sum()),
         "num_converged": int(result.converged.sum()),
         "num_reverted": int(result.reverted.sum()),
+        "num_hopped": int((result.hops > 0).sum()),
+        "hop_seed": seed,
         "median_steps": float(np.median(result.steps)) if len(crystals) else None,
         "energy_per_atom_quantiles": np.quantile(energy, [0.05, 0.5, 0.95]).round(4).tolist() if energy.size else [],
         "relax_seconds": round(seconds, 2),

@@ -464,7 +464,7 @@ def _compiled_langevin(
 ):
     """Return ``(compiled langevin for these argument shapes, seconds spent compiling now)``."""
     # The retry and relaxation act on the host after the chain: a sampler with and one without them share the program.
-    cfg = dataclasses.replace(cfg, retry_coordination=None, relax=None)
+    cfg = cfg.host_only()
     shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
     key = (model, cfg, statics, max_images, shapes)
     if key in _LANGEVIN_CACHE:

@@ -202,10 +202,62 @@ def test_keep_coordination_reverts_exactly_the_relaxations_that_lose_atoms_in_ra
             assert out.reverted.any()  # the check above would pass vacuously without a start to undo
 
 
+def _rough_carbon(seed: int = 8) -> CrystalSet:
+    """Return 8-atom carbon cells of three sizes with atoms far from diamond's sites (relaxations end in local minima)."""
+    frac, _ = diamond(3.566)
+    rng = np.random.default_rng(seed)
+    a = np.array([3.45, 3.566, 3.7, 3.566])
+    starts = [(frac + rng.normal(0, 0.09, frac.shape)) % 1.0 for _ in a]
+    return CrystalSet(np.full(len(a), 8), np.full(8 * len(a), 6), np.concatenate(starts), np.repeat(a[:, None], 3, 1),
+                      np.full((len(a), 3), 90.0))
+
+
+def test_basin_hopping_only_lowers_the_energy_and_keeps_its_records_right():
+    """Hops never raise a crystal's energy, leave crystals below the threshold as relaxed, and report each crystal's own energy."""
+    cs = _rough_carbon()
+    cfg = relax.RelaxConfig(steps=300)
+    plain = relax.relax_crystals(cs, cfg, progress=False)
+    # The threshold between the plain relaxations' energies: the lowest crystal must not hop.
+    above = float(np.sort(plain.energy_per_atom)[0]) + 1e-3
+    hopped = relax.relax_crystals(cs, relax.RelaxConfig(steps=300, hops=3, hop_above=above), progress=False)
+    assert (hopped.energy_per_atom <= plain.energy_per_atom + 1e-6).all()
+    assert hopped.hops.sum() > 0  # else the checks below would pass vacuously
+    low = int(np.argmin(plain.energy_per_atom))
+    assert hopped.hops[low] == 0
+    np.testing.assert_array_equal(hopped.crystals.crystal(low)[3], plain.crystals.crystal(low)[3])
+    for i in range(len(cs)):
+        frac = hopped.crystals.crystal(i)[3]
+        lat = geometry.lattice_matrix_np(hopped.crystals.lengths[i], hopped.crystals.angles[i])
+        assert energy(frac, lat) / 8 == pytest.approx(hopped.energy_per_atom[i], abs=2e-4)
+        if hopped.hops[i]:
+            assert hopped.energy_per_atom[i] < plain.energy_per_atom[i]
+    again = relax.relax_crystals(cs, relax.RelaxConfig(steps=300, hops=3, hop_above=above), progress=False)
+    np.testing.assert_array_equal(again.crystals.frac_coords, hopped.crystals.frac_coords)  # the seed decides
+
+
+def test_guarded_hops_never_lose_atoms_in_range():
+    """With keep_coordination, a hop is kept only where no fewer atoms end in range than the crystal had."""
+    cs = _rough_carbon()
+    # "At most 3 neighbours within 1.8 A": the hops find diamond, whose atoms are all 4-fold, so the guard refuses them.
+    rule = (0, 3)
+    kw = dict(steps=300, bond_cutoff=1.8, hops=3, hop_above=-100.0)
+    free = relax.relax_crystals(cs, relax.RelaxConfig(**kw), progress=False)
+    plain = relax.relax_crystals(cs, relax.RelaxConfig(steps=300, keep_coordination=rule, bond_cutoff=1.8),
+                                 progress=False)
+    guarded = relax.relax_crystals(cs, relax.RelaxConfig(keep_coordination=rule, **kw), progress=False)
+    assert (guarded.hops < free.hops).any()  # the guard refused hops the energy alone accepts
+    for i in range(len(cs)):
+        share = [geometry.coordination_in_range(r.crystals.crystal(i)[3], r.crystals.lengths[i], r.crystals.angles[i],
+                                                1.8, *rule) for r in (plain, guarded)]
+        assert share[1] >= share[0]
+        assert guarded.energy_per_atom[i] <= plain.energy_per_atom[i] + 1e-6 or np.isnan(plain.energy_per_atom[i])
+
+
 @pytest.mark.parametrize("bad", [{"cell": "npt"}, {"steps": 0}, {"fmax": 0.0}, {"cell": "free", "pressure": float("nan")},
-                                 {"pressure": 10.0}, {"keep_coordination": (4, 3)}])
+                                 {"pressure": 10.0}, {"keep_coordination": (4, 3)}, {"hops": -1},
+                                 {"hop_sigma": 0.0}, {"hop_above": float("nan")}])
 def test_relax_config_refuses_settings_that_describe_no_relaxation(bad):
-    """Unknown cell modes, no steps, a zero force threshold, a NaN pressure or a pressure on a fixed cell are refused."""
+    """Unknown cell modes, no steps, a zero force threshold, a NaN pressure, a pressure on a fixed cell or hops that cannot move are refused."""
     with pytest.raises(ValueError):
         relax.RelaxConfig(**bad)
 
