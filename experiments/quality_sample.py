@@ -87,7 +87,8 @@ FIRST_PASS_OF = {"default_unrelaxed": "default_noretry", "default_retry_same": "
 def sample_variant(workdir: str | pathlib.Path, name: str, out: pathlib.Path, num: int, batch_size: int,
                    bucket_multiple: int, seed: int) -> dict[str, Any]:
     """Sample ``num`` crystals with variant ``name`` into ``out``; return its summary."""
-    if name in RELAXED_OF:
+    # The relaxation knows carbon: on other datasets a relaxed variant is its base chain's crystals.
+    if name in RELAXED_OF and run.read_config(workdir).dataset in relax.CARBON_DATASETS:
         return relax_variant(workdir, name, out, num, batch_size, bucket_multiple, seed)
     preset, checkpoint, overrides = VARIANTS[name]
     overrides = dict(overrides)

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from experiments.fingerprint_recovery import distance_summary, fingerprint_distances
-from symat_jax import geometry, metrics, relax
+from symat_jax import metrics, relax
 from symat_jax.crystal_sets import CrystalSet
 from symat_jax.data.dataset import load_split
 
@@ -36,17 +36,6 @@ def cell_mode(text: str) -> relax.RelaxConfig:
         return relax.RelaxConfig(cell=cell, pressure=float(pressure or 0.0))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
-
-
-def noised(crystals: CrystalSet, sigma: float, seed: int) -> CrystalSet:
-    """Return ``crystals`` with every atom moved by isotropic Gaussian noise of ``sigma`` A (cells unchanged)."""
-    rng = np.random.default_rng(seed)
-    frac = crystals.frac_coords.copy()
-    for i in range(len(crystals)):
-        a, b = crystals.offsets[i], crystals.offsets[i + 1]
-        lat = geometry.lattice_matrix_np(crystals.lengths[i], crystals.angles[i])
-        frac[a:b] = ((frac[a:b] @ lat + rng.normal(0.0, sigma, (b - a, 3))) @ np.linalg.inv(lat)) % 1.0
-    return CrystalSet(crystals.num_atoms, crystals.atom_types, frac, crystals.lengths, crystals.angles)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     test = test.subset(np.arange(min(args.num, len(test))))
     reference = metrics.score_crystals(test, progress=False, cache=False)
     for sigma in args.sigmas:
-        start = noised(test, sigma, args.seed) if sigma > 0 else test
+        start = relax.rattle(test, sigma, np.random.default_rng(args.seed)) if sigma > 0 else test
         d0 = fingerprint_distances(start, reference)
         for cfg in args.cells:
             t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -244,6 +245,7 @@ def test_a_relaxed_variant_samples_its_base_once_and_relaxes_a_copy(data_root, t
                                                        "num_rejected": 0, "compile_seconds": 0.0, "device": "cpu"}))
 
     monkeypatch.setattr(quality_sample, "sample_variant", fake_sample)
+    monkeypatch.setattr(quality_sample.run, "read_config", lambda workdir: types.SimpleNamespace(dataset="carbon_24"))
     args = ["--workdir", str(tmp_path / "unused"), "--root", str(tmp_path), "--num", "4"]
     assert quality_sample.main(args + ["--variants", "default", "default"]) == 0
     assert calls == ["default_unrelaxed"]  # the base once; the second request finds the relaxed folder

@@ -323,7 +323,32 @@ def test_symat_relax_writes_a_new_folder_and_leaves_the_samples_alone(tmp_path):
                      "--keep-coordination", "4", "4"]) == 0  # relaxed diamond is 4-fold: nothing undone
     summary = json.loads((guarded / "summary.json").read_text())
     assert summary["relax"]["keep_coordination"] == [4, 4] and summary["num_reverted"] == 0
+    hopped = tmp_path / "hopped"  # every crystal hops once; the record counts the hops each kept
+    assert cli.main(["relax", "--samples", str(src), "--out", str(hopped), "--steps", "300", "--hops", "1",
+                     "--hop-above", "-100", "--seed", "3"]) == 0
+    summary = json.loads((hopped / "summary.json").read_text())
+    assert summary["relax"]["hops"] == 1 and summary["relax"]["hop_above"] == -100 and summary["hop_seed"] == 3
+    with np.load(hopped / "relax.npz") as z, np.load(out / "relax.npz") as plain:
+        assert summary["num_hopped"] == int((z["hops"] > 0).sum())
+        assert (z["energy_per_atom"] <= plain["energy_per_atom"] + 1e-6).all()
     # A second run into the same folder is refused without --overwrite, and changes nothing there.
     kept = (out / "samples.npz").read_bytes()
     assert cli.main(["relax", "--samples", str(src), "--out", str(out)]) != 0
     assert (out / "samples.npz").read_bytes() == kept
+
+
+def test_the_sampler_config_names_its_relaxation_and_the_chain_ignores_it():
+    """SamplerConfig.relax_config carries the preset's guard and hops; host_only drops every host stage."""
+    from symat_jax import configs
+
+    cfg = configs.get_sampler_config("carbon_24", "default")
+    rcfg = cfg.relax_config()
+    assert rcfg.cell == "fixed" and rcfg.hops == cfg.relax_hops
+    assert rcfg.keep_coordination == (cfg.retry_coordination if cfg.relax_guard else None)
+    unguarded = configs.get_sampler_config("carbon_24", "default", relax_guard=False, relax_hops=2).relax_config()
+    assert unguarded.keep_coordination is None and unguarded.hops == 2
+    assert configs.get_sampler_config("carbon_24", "paper").relax_config() is None
+    assert cfg.host_only() == configs.get_sampler_config("carbon_24", "default", relax=None, relax_hops=0,
+                                                         retry_coordination=()).host_only()
+    with pytest.raises(ValueError, match="relax_hops"):
+        configs.get_sampler_config("carbon_24", "default", relax_hops=-1)
