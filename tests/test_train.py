@@ -143,8 +143,9 @@ def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run,
     out = tmp_path / "samples"
     args = ["sample", "--workdir", str(workdir), "--num", "4", "--out", str(out), "--levels", "2",
             "--langevin-steps", "2", "--batch-size", "4"]
+    # The default preset: the prior fitted at the end of training.
     assert cli.main(args + ["--band", "0.01", "0.05", "--band-steps", "3", "--band-temp", "0.5", "--quench-steps", "2",
-                           "--no-fit-counts"]) == 0  # the default preset: the prior fitted at the end of training
+                           "--no-fit-counts", "--relax-guard", "--relax-hops", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "default" and summary["sampler"]["prior"] == "fitted"
     assert summary["sampler"]["band"] == [0.01, 0.05] and summary["sampler"]["band_steps"] == 3
@@ -154,7 +155,9 @@ def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run,
     # Carbon-24's default relaxes after sampling; the tiny run's crystals hold other elements, so none is relaxed
     # and each is kept as sampled (unrelaxed.npz beside samples.npz, the same arrays).
     assert summary["sampler"]["relax"] == "fixed" and summary["relax"]["num_crystals"] == summary["num_written"]
-    assert summary["relax"]["relax"]["keep_coordination"] == [3, 4]  # the retry's rule guards the relaxation
+    # --relax-guard: the retry's rule guards the relaxation and its hops.
+    assert summary["relax"]["relax"]["keep_coordination"] == [3, 4] and summary["relax"]["relax"]["hops"] == 2
+    assert summary["sampler"]["relax_guard"] is True and summary["sampler"]["relax_hops"] == 2
     if summary["num_written"]:
         with np.load(out / "unrelaxed.npz") as z, np.load(out / "samples.npz") as final, np.load(out / "relax.npz") as rec:
             assert np.array_equal(z["frac_coords"], final["frac_coords"]) == (not rec["kept"].any())
