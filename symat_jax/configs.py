@@ -331,7 +331,8 @@ DEFAULT_SAMPLER: dict[str, Any] = dict(prior="fitted", step_schedule="norm", ste
 # rose from 65% to 99% at the first chain's coverage (COV-R 59.0 / COV-P 10.9 vs 59.0 / 10.2).
 # Then every crystal is relaxed at fixed cell in Tersoff's carbon potential (session 14: COV-R / COV-P on the same
 # 256 samples 59.0 / 10.9 -> 86.5 / 29.7), and 6 rounds of basin hopping follow for crystals that relax above the
-# data's energy (relax.HOP_ABOVE): 86.5 / 29.7 -> 95.5 / 50.8, 3-4-fold atoms 91.3 -> 94.6% (session 15). The
+# data's energy (relax.HOP_ABOVE): 86.5 / 29.7 -> 95.5 / 53.9, 3-4-fold atoms 91.3 -> 94.4% (session 15; 1,000
+# samples: 98.5 / 52.0, 95.0%). The
 # retry's coordination rule does not guard the relaxation (relax_guard=False): guarded, 108 of 256 relaxations are
 # undone and never hop (89.0 / 37.1, 99.4% 3-4-fold).
 DEFAULT_SAMPLER_BY_DATASET: dict[str, dict[str, Any]] = {
