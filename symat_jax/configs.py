@@ -287,7 +287,7 @@ class SamplerConfig:
         """
         if self.relax is None:
             return None
-        from symat_jax.relax import RelaxConfig  # noqa: F811 (the module needs jax; configs stays light)
+        from symat_jax.relax import RelaxConfig  # the module needs jax; configs stays light
 
         guard = self.retry_coordination if self.relax_guard else None
         return RelaxConfig(cell=self.relax, keep_coordination=guard, bond_cutoff=self.retry_cutoff, hops=self.relax_hops)
