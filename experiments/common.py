@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from symat_jax import cli, configs, geometry, input_pipeline, latents, loop, run
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.data import CrystalDataset, load_split, registry
 
 

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from symat_jax import configs, metrics, run, sampling
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.data import load_split
 
 
@@ -79,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prior = run.load_prior(args.workdir)
     known = test_densities = None
     if args.data_root is not None:
-        train, test = (CrystalSet.from_dataset(load_split(loaded.config.dataset, split, args.data_root,
-                                                          with_graph=False, progress=False)) for split in ("train", "test"))
+        train, test = ((load_split(loaded.config.dataset, split, args.data_root,
+                                                          with_graph=False, progress=False)).crystal_set() for split in ("train", "test"))
         known = {reduced_formula(train.crystal(i)[0]) for i in range(len(train))}
         test_densities = test.densities()
     print(f"{args.workdir}: epoch {int(loaded.meta['epoch']) + 1}, {args.num} latents from the fitted prior")

@@ -31,7 +31,7 @@ import numpy as np
 
 from experiments import common
 from symat_jax import configs, geometry, metrics, sampling, score
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 
 Array = jax.Array
 
@@ -68,7 +68,7 @@ def load_probe(workdir: str, data_root: str | None, num: int, max_atoms: int) ->
     data = common.load_test_crystals(workdir, data_root, num, max_atoms)
     config, statics, _, _ = data.loaded
     m = config.model
-    reference = metrics.score_crystals(CrystalSet.from_dataset(data.test), progress=False)
+    reference = metrics.score_crystals(data.test.crystal_set(), progress=False)
     images = tuple(int(i) for i in np.maximum(np.asarray(statics.max_images), 3))
     return Probe(data, reference, geometry.frac_to_cart(data.frac, data.lattice),
                  score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max), images)

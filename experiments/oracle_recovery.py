@@ -27,7 +27,7 @@ import jax
 from experiments import common
 from experiments.fingerprint_recovery import distance_summary, fingerprint_distances, load_probe, perturb_at
 from symat_jax import assignment, geometry, score
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 
 Array = jax.Array
 

@@ -30,7 +30,7 @@ import numpy as np
 from experiments.quality_sample import VARIANTS, sample_variant
 from symat_jax import metrics
 from symat_jax.coordination import coordination_by_density, crystal_coordination, local_structure
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.data import load_split, registry
 from symat_jax.evaluate_cli import load_generated, run_evaluate
 
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("sampling %s", name)
             sample_variant(args.workdir, name, folder, args.num, args.batch_size, 4, 0)
         folders[name] = folder
-    test = CrystalSet.from_dataset(load_split(args.dataset, "test", args.data_root, with_graph=False, progress=False))
+    test = (load_split(args.dataset, "test", args.data_root, with_graph=False, progress=False)).crystal_set()
     bonded = args.dataset in BONDED_DATASETS
     data_row: dict[str, Any] = {}
     edges = None

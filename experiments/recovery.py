@@ -29,7 +29,7 @@ import numpy as np
 from experiments import common
 from symat_jax import configs, geometry, input_pipeline, latents, run, sampling, score
 from symat_jax.coordination import local_structure
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.data import load_split
 from symat_jax.model import coordinate_scores
 
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     z_pos = z_all[:, config.model.latent_comp : config.model.latent_comp + config.model.latent_pos]
     n_pad = args.max_atoms
     dense = input_pipeline.dense_batch(test, np.arange(len(test)), n_pad)
-    data_stats = local_structure(CrystalSet.from_dataset(test))
+    data_stats = local_structure(test.crystal_set())
     rows: list[dict[str, Any]] = [{"start_level": None, "variant": "data", **{k: v for k, v in data_stats.items()
                                                                               if k != "nn_distances"}}]
     key = jax.random.PRNGKey(args.seed)

@@ -25,7 +25,7 @@ import numpy as np
 
 from experiments.fingerprint_recovery import distance_summary, fingerprint_distances
 from symat_jax import metrics, relax
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.data.dataset import load_split
 
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="fixed, free (0 GPa) or free:GPA")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    test = CrystalSet.from_dataset(load_split("carbon_24", "test", args.data_root, with_graph=False, progress=False))
+    test = (load_split("carbon_24", "test", args.data_root, with_graph=False, progress=False)).crystal_set()
     test = test.subset(np.arange(min(args.num, len(test))))
     reference = metrics.score_crystals(test, progress=False, cache=False)
     for sigma in args.sigmas:

@@ -25,7 +25,7 @@ from scipy.spatial.distance import cdist
 
 from symat_jax import geometry, metrics
 from symat_jax.coordination import crystal_coordination
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.data import load_split
 
 
@@ -53,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     args = p.parse_args(argv)
     gen = CrystalSet.from_samples(args.samples)
-    test = CrystalSet.from_dataset(load_split("carbon_24", "test", args.data_root, with_graph=False, progress=False))
-    train = CrystalSet.from_dataset(load_split("carbon_24", "train", args.data_root, with_graph=False, progress=False))
+    test = (load_split("carbon_24", "test", args.data_root, with_graph=False, progress=False)).crystal_set()
+    train = (load_split("carbon_24", "train", args.data_root, with_graph=False, progress=False)).crystal_set()
 
     per_crystal = crystal_coordination(gen)  # per crystal: (neighbours within 1.8 A, nearest-neighbour distance)
     coordination = [c[0] if c is not None else np.zeros(0, int) for c in per_crystal]

@@ -21,7 +21,7 @@ import jax
 from experiments import common
 from symat_jax import configs, run, sampling
 from symat_jax.coordination import local_structure
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.prior import MixturePrior
 
 

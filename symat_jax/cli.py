@@ -13,7 +13,7 @@ from typing import Sequence
 from symat_jax.configs import (DEFAULT_SAMPLER_PRESET, SAMPLER_PRESETS, SCORE_CONDITIONS, SCORE_LATENTS,
                                TARGET_MATCHINGS)
 from symat_jax.data import registry
-from symat_jax.prior import PRIOR_ALIASES, PRIOR_KINDS
+from symat_jax.stage_flags import add_stage_args, apply_stage_args, stage_configs
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -203,85 +203,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num", type=positive_int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", choices=SAMPLER_PRESETS, default=DEFAULT_SAMPLER_PRESET,
-                   help="sampler preset: 'paper' is SPEC 4 exactly; 'default' the best measured setting")
+                   help="sampler preset: 'paper' is SPEC 4 exactly; 'default' the best measured setting; the flags "
+                        "below change its stages (symat_jax.configs.SamplerPreset)")
     p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--levels", type=positive_int, default=None,
-                   help="noise levels used (paper: 50; default preset: 25; at most the trained ones)")
-    p.add_argument("--langevin-steps", type=positive_int, default=None, help="steps per level outside the band (paper: 100; default preset: 10)")
-    p.add_argument("--step-size", type=positive_float, default=None,
-                   help="base step size of the paper step schedule (paper preset: 1e-4)")
-    p.add_argument("--step-fraction", type=positive_float, default=None,
-                   help="share of the predicted target moved per step, 'norm' step schedule (default preset: 0.05)")
-    p.add_argument("--band", type=positive_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                   help="levels with sigma in [LOW, HIGH] A run --band-steps steps (where bonds form)")
-    p.add_argument("--no-band", dest="band", action="store_const", const=(),
-                   help="every level runs --langevin-steps steps (drops the preset's band)")
-    p.add_argument("--band-steps", type=positive_int, default=None, help="steps per level inside the band")
-    p.add_argument("--band-temp", type=positive_float, default=None,
-                   help="noise scale on the band's levels relative to the schedule's (default 1)")
-    p.add_argument("--quench-steps", type=non_negative_int, default=None,
-                   help="noise-free steps at the lowest level after the chain (0: none)")
-    p.add_argument("--prior", choices=(*PRIOR_KINDS, *PRIOR_ALIASES), default=None,
-                   help="latent prior: 'standard' N(0, T^2 I) or 'fitted' (the run's prior.npz: a Gaussian mixture "
-                        "or kernel density fitted to the training latents; 'gmm' is its earlier name)")
-    p.add_argument("--final-denoise", dest="final_denoise", action="store_true", default=None,
-                   help="end with a noise-free step to the expected clean positions")
-    p.add_argument("--no-final-denoise", dest="final_denoise", action="store_false")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decode", choices=("argmax", "sample"), default=None)
-    p.add_argument("--decode-temperature", type=positive_float, default=None)
-    p.add_argument("--fit-counts", dest="fit_counts", action="store_true", default=None,
-                   help="decode the most likely atom counts that fit max_atoms (the default preset does)")
-    p.add_argument("--no-fit-counts", dest="fit_counts", action="store_false",
-                   help="decode each count's argmax: cells past max_atoms are rejected (the paper setting)")
     p.add_argument("--checkpoint", type=checkpoint_choice, default=None,
                    help="best, latest or a kept epoch's number (default: the preset's choice)")
     p.add_argument("--score-checkpoint", type=checkpoint_choice, default=None,
                    help="take the score network from this kept checkpoint (the decoders from --checkpoint)")
     p.add_argument("--weights", choices=("raw", "ema"), default=None,
                    help="trained parameters or their moving average (default: the preset's choice)")
-    p.add_argument("--retry-coordination", type=non_negative_int, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                   help="run the chain again for crystals with an atom whose neighbours within --retry-cutoff "
-                        "are fewer than LOW or more than HIGH (carbon: 3 4)")
-    p.add_argument("--no-retry", dest="retry_coordination", action="store_const", const=(),
-                   help="no second chain (drops the preset's retry)")
-    p.add_argument("--retry-cutoff", type=positive_float, default=None, help="bond cut-off of the retry (A; default 1.8)")
-    p.add_argument("--retry-score-checkpoint", type=checkpoint_choice, default=None,
-                   help="the retry chain's score network from this kept checkpoint (default: the sampling one)")
-    p.add_argument("--relax", choices=("fixed", "free"), default=None,
-                   help="relax each crystal in Tersoff's carbon potential after sampling, at fixed cell or free cell "
-                        "(the Carbon-24 default preset: fixed); the sampled crystals stay in unrelaxed.npz")
-    p.add_argument("--no-relax", dest="relax", action="store_const", const="none",
-                   help="no relaxation (drops the preset's)")
-    p.add_argument("--relax-hops", type=non_negative_int, default=None,
-                   help="rounds of basin hopping after the relaxation for crystals above the data's energy "
-                        "(default: the preset's; 0: none)")
-    p.add_argument("--relax-guard", dest="relax_guard", action="store_true", default=None,
-                   help="undo relaxations and hops that leave fewer atoms in the retry's coordination range")
-    p.add_argument("--no-relax-guard", dest="relax_guard", action="store_false",
-                   help="keep every relaxation and every lower-energy hop (default: the preset's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    add_stage_args(p)
     p = sub.add_parser("relax", help="relax generated carbon crystals in Tersoff's potential (FIRE) into a new folder")
     p.add_argument("--samples", required=True, help="samples.npz in the CDVAE layout or the folder holding it (only read)")
     p.add_argument("--out", required=True, help="new folder for the relaxed crystals")
-    p.add_argument("--cell", choices=("fixed", "free"), default="fixed",
-                   help="keep each generated cell (default) or relax it too at --pressure")
-    p.add_argument("--pressure", type=float, default=0.0, help="GPa, with --cell free (Carbon-24 was relaxed at 10)")
-    p.add_argument("--steps", type=positive_int, default=1000, help="FIRE steps at most")
-    p.add_argument("--fmax", type=positive_float, default=0.01, help="converged below this force (eV/A)")
-    p.add_argument("--keep-coordination", type=non_negative_int, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                   help="keep a relaxed crystal only where no fewer atoms have LOW-HIGH neighbours within "
-                        "--bond-cutoff than before (carbon: 3 4); default: keep every relaxation")
-    p.add_argument("--bond-cutoff", type=positive_float, default=1.8, help="A, with --keep-coordination")
-    p.add_argument("--hops", type=non_negative_int, default=0,
-                   help="rounds of basin hopping: crystals above --hop-above are rattled by --hop-sigma and "
-                        "relaxed again, kept where their energy drops")
-    p.add_argument("--hop-sigma", type=positive_float, default=0.3, help="A, the hops' Gaussian displacement")
-    p.add_argument("--hop-above", type=float, default=None,
-                   help="eV/atom; crystals above it hop (default: 95%% of Carbon-24's training crystals relax below)")
     p.add_argument("--seed", type=int, default=0, help="draws the hops' displacements")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    add_stage_args(p, ("relax", "hop"), prior=False, optional=("hop",))
     p = sub.add_parser("fit-prior", help="fit the latent prior of a trained run to its encoded training set")
     _add_data_args(p)
     p.add_argument("--workdir", required=True)
@@ -317,31 +257,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train":
             run_training(args)
         elif args.command == "sample":
+            from symat_jax.configs import get_sampler_preset
             from symat_jax.generate_cli import run_sample
+            from symat_jax.run import read_config
 
-            summary = run_sample(
-                args.workdir, args.num, args.out, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
-                checkpoint=args.checkpoint, weights=args.weights, score_checkpoint=args.score_checkpoint,
-                retry_checkpoint=args.retry_score_checkpoint, retry_coordination=args.retry_coordination,
-                retry_cutoff=args.retry_cutoff, relax=args.relax, relax_hops=args.relax_hops,
-                relax_guard=args.relax_guard,
-                overwrite=args.overwrite, num_levels=args.levels,
-                steps_per_level=args.langevin_steps, step_size=args.step_size, step_fraction=args.step_fraction,
-                prior=args.prior, band=None if args.band is None else tuple(args.band), band_steps=args.band_steps,
-                band_temp=args.band_temp, quench_steps=args.quench_steps, final_denoise=args.final_denoise,
-                decode=args.decode, decode_temperature=args.decode_temperature, fit_counts=args.fit_counts,
-            )
+            preset = get_sampler_preset(read_config(args.workdir).dataset, args.preset)
+            preset = dataclasses.replace(preset, checkpoint=args.checkpoint or preset.checkpoint,
+                                weights=args.weights or preset.weights)
+            preset = apply_stage_args(preset, args)
+            summary = run_sample(args.workdir, args.num, args.out, preset=preset, batch_size=args.batch_size,
+                                 seed=args.seed, score_checkpoint=args.score_checkpoint, overwrite=args.overwrite)
             print(json.dumps(summary, indent=1))
         elif args.command == "relax":
-            from symat_jax.relax import RelaxConfig
             from symat_jax.relax_cli import relax_samples
 
-            hop_above = {} if args.hop_above is None else {"hop_above": args.hop_above}
-            cfg = RelaxConfig(steps=args.steps, fmax=args.fmax, cell=args.cell, pressure=args.pressure,
-                              keep_coordination=args.keep_coordination, bond_cutoff=args.bond_cutoff,
-                              hops=args.hops, hop_sigma=args.hop_sigma, **hop_above)
-            print(json.dumps(relax_samples(args.samples, args.out, cfg, batch_size=args.batch_size,
-                                           overwrite=args.overwrite, seed=args.seed), indent=1))
+            cfgs = stage_configs(args, ("relax", "hop"), optional=("hop",))
+            print(json.dumps(relax_samples(args.samples, args.out, cfgs["relax"], cfgs["hop"],
+                                           batch_size=args.batch_size, overwrite=args.overwrite, seed=args.seed),
+                             indent=1))
         elif args.command == "fit-prior":
             from symat_jax.latents import fit_prior
 

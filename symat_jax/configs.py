@@ -2,7 +2,8 @@
 
 * :func:`get_config` -> :class:`TrainConfig` (with its :class:`ModelConfig`):
   ``paper`` (SPEC 2/3) and ``quick`` (a few CPU minutes);
-* :func:`get_sampler_config` -> :class:`SamplerConfig`: ``paper`` (SPEC 4);
+* :func:`get_sampler_preset` -> :class:`SamplerPreset` (one config per sampler stage): ``paper`` (SPEC 4),
+  ``default`` (the best measured);
 * :func:`get_property_config` -> :class:`PropertyConfig`: ``default``, ``quick``.
 
 Configs are frozen dataclasses, hashable, so jitted code takes them as static
@@ -13,14 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+import math
+from typing import Any
 
 from symat_jax.data import registry
 from symat_jax.networks import SphereNetConfig
-from symat_jax.prior import canonical_prior_kind
-
-if TYPE_CHECKING:
-    from symat_jax.relax import RelaxConfig
 
 PRESETS = ("paper", "quick")
 SAMPLER_PRESETS = ("paper", "default")
@@ -165,9 +163,7 @@ class TrainConfig:
 # validation loss but sampled worse (lr_schedule="cosine" keeps it available).
 # `--batch-size 256 --epochs 150 --ema-decay 0.99` restores the earlier setting.
 TRAINING_DEPARTURES: dict[str, dict[str, Any]] = {
-    # Epoch 40 is kept for its score network: sampled with the epoch-80 decoders it bonds 98% of generated atoms
-    # 3-4-fold (epoch 80's own: 65%) at lower coverage (BENCHMARKS.md, session 12; `symat sample --score-checkpoint 40`).
-    "carbon_24": dict(batch_size=32, epochs=80, ema_decay=0.999, keep_epochs=(40,)),
+    "carbon_24": dict(batch_size=32, epochs=80, ema_decay=0.999),
 }
 
 
@@ -179,7 +175,8 @@ def get_config(dataset: str, preset: str = "paper", **overrides: Any) -> TrainCo
     model = ModelConfig(max_atoms=info.max_atoms, score_cutoff=info.score_cutoff, score_neighbors=info.max_neighbors)
     config = TrainConfig(dataset=dataset, model=model, epochs=PAPER_EPOCHS[dataset])
     if preset == "paper":
-        config = dataclasses.replace(config, **TRAINING_DEPARTURES.get(dataset, {}))
+        # The epochs a sampler preset samples (the Carbon-24 retry's epoch 40) are kept for good.
+        config = dataclasses.replace(config, **TRAINING_DEPARTURES.get(dataset, {}), keep_epochs=preset_epochs(dataset))
     if preset == "quick":
         # A few minutes on a laptop CPU: small networks, a subset, few epochs.
         small = dict(num_layers=2, hidden=32, out_channels=64, int_emb=16, out_emb=64, num_output_layers=1)
@@ -198,167 +195,298 @@ def get_config(dataset: str, preset: str = "paper", **overrides: Any) -> TrainCo
     return dataclasses.replace(config, **overrides)
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-    """Static sampler settings (SPEC 4 defaults: 50 levels x 100 steps, step size 1e-4)."""
+# ----------------------------------------------------------------------------
+# Sampler presets: one config per stage (symat_jax.sampling), gathered in a SamplerPreset.
 
-    num_levels: int = 50  # levels used, spread over the trained ones from high to low
-    steps_per_level: int = 100
-    step_size: float = 1e-4
+
+@dataclasses.dataclass(frozen=True)
+class StandardPrior:
+    """Latents from ``N(0, T^2 I)`` with one temperature per latent block (SPEC 4)."""
+
     temp_comp: float = 1.0
     temp_pos: float = 0.7
     temp_lat: float = 1.0
-    temp_coord: float = 0.01
-    decode: str = "argmax"  # or "sample": draw k and counts from the predicted distributions
-    decode_temperature: float = 1.0
-    # Decode the most likely counts whose total fits max_atoms (model.fit_counts) instead of each count's argmax,
-    # whose sum can pass the padding and get the cell rejected.
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedPrior:
+    """Latents from the density fitted to the training latents (the run's ``prior.npz``), each component spread by ``temperature``."""
+
+    temperature: float = 1.0
+
+
+PriorConfig = StandardPrior | FittedPrior
+PRIOR_CONFIGS: dict[str, type] = {"standard": StandardPrior, "fitted": FittedPrior}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How a composition is read off the decoders.
+
+    ``sample_temperature``: None takes each argmax (SPEC 4); a number draws k
+    and the counts from the predicted distributions at that temperature.
+    ``fit_counts``: the most likely counts whose total fits ``max_atoms``
+    (``model.fit_counts``), not each count's argmax, whose sum can pass the
+    padding and get the cell rejected.
+    """
+
+    sample_temperature: float | None = None
     fit_counts: bool = False
-    # Beyond the paper (defaults: off, so the paper setting is SPEC 4 exactly).
-    # or "fitted": latents from the density fitted to the training latents (the run's prior.npz: a Gaussian mixture
-    # or a kernel density, whichever the validation likelihood chose); "gmm" is accepted as its earlier name.
-    prior: str = "standard"
-    prior_temperature: float = 1.0  # spread of each fitted component (fitted prior only)
-    step_schedule: str = "paper"  # or "norm": alpha_t = step_fraction * norm(sigma_t)^2 (sampling.level_schedule)
-    step_fraction: float = 0.5
-    # "constant": noise scale temp_coord at every level (SPEC 4); "sigma": temp_coord * sigma_t / norm(sigma_t),
-    # which with the "norm" step schedule and temp_coord = 1 is annealed Langevin dynamics at unit temperature.
-    noise_schedule: str = "constant"
-    top_level: int | None = None  # highest trained level the chain starts from (None: the highest, sigma_max)
-    quiet_levels: int = 0  # the last levels run without Langevin noise (score ascent)
-    final_denoise: bool = False  # end with x + denoise_scale * norm(sigma_1) * s(x): the expected clean positions
-    denoise_scale: float = 1.0
-    # Levels whose sigma lies in [band[0], band[1]] (A) run band_steps steps instead of steps_per_level: the
-    # chain's time goes where bonds form (sampling.level_steps). None or () = no band.
-    band: tuple[float, float] | None = None
-    band_steps: int = 100
-    # Noise scale on the band's levels relative to the schedule's (< 1: the long band sampling drifts less).
-    band_temp: float = 1.0
-    # Restart sampling (Xu et al., NeurIPS 2023): after the chain, add noise back up to the schedule's level
-    # nearest restart_sigma (A) and run the chain's levels from there down again, `restarts` times.
-    restarts: int = 0
-    restart_sigma: float = 0.3
-    # Noise-free steps at the lowest level after the chain (before the final denoise): score ascent to the model's
-    # nearest fixed point, which removes the spread the chain's noise leaves at sigma_1.
-    quench_steps: int = 0
-    # A second chain for crystals the first left unbonded: a crystal with an atom whose neighbour count within
-    # retry_cutoff (A) lies outside retry_coordination = (low, high) runs the chain again, same latent and cell,
-    # with sampling.sample's retry_params (e.g. an earlier epoch's score network; default: the same network, new
-    # noise), and the second chain's crystal is kept when more of its atoms are in range. None: no retry.
-    retry_coordination: tuple[int, int] | None = None
-    retry_cutoff: float = 1.8
-    # After sampling (host side, symat_jax.relax): relax each carbon crystal in Tersoff's potential, "fixed" cell
-    # or "free" cell (0 GPa); the sampled crystals are kept beside the relaxed ones. With retry_coordination, a
-    # relaxation that leaves fewer atoms in that range is undone (relax_guard; False keeps every relaxation).
-    # relax_hops rounds of basin hopping follow (symat_jax.relax.RelaxConfig.hops). None: no relaxation.
-    relax: str | None = None
-    relax_guard: bool = True
-    relax_hops: int = 0
 
     def __post_init__(self) -> None:
-        # One spelling inside the library, whichever name (or alias) the caller used.
-        object.__setattr__(self, "prior", canonical_prior_kind(self.prior))
-        if self.retry_coordination is not None and not len(self.retry_coordination):
-            object.__setattr__(self, "retry_coordination", None)  # () from the CLI's --no-retry
-        if self.retry_coordination is not None:
-            # A tuple whatever the caller passed (a JSON list): the config is a hashable cache key.
-            low, high = (int(v) for v in self.retry_coordination)
-            if not 0 <= low <= high:
-                raise ValueError(f"retry_coordination must be (low, high) with 0 <= low <= high, got "
-                                 f"{self.retry_coordination!r}")
-            if not self.retry_cutoff > 0:
-                raise ValueError(f"retry_cutoff must be positive, got {self.retry_cutoff!r}")
-            object.__setattr__(self, "retry_coordination", (low, high))
-        if self.relax == "none":
-            object.__setattr__(self, "relax", None)  # the CLI's --no-relax
-        if self.relax not in (None, "fixed", "free"):
-            raise ValueError(f"relax must be None, 'fixed' or 'free', got {self.relax!r}")
-        if self.relax_hops < 0:
-            raise ValueError(f"relax_hops must be >= 0, got {self.relax_hops!r}")
-
-    def host_only(self) -> "SamplerConfig":
-        """Return this config without the stages that run on the host after the chain (retry, relaxation)."""
-        return dataclasses.replace(self, retry_coordination=None, relax=None, relax_guard=True, relax_hops=0)
-
-    def relax_config(self) -> "RelaxConfig | None":
-        """Return the ``symat_jax.relax.RelaxConfig`` of this sampler's relaxation (None without one).
-
-        The retry's coordination rule guards the relaxation and its hops (``relax_guard``).
-        """
-        if self.relax is None:
-            return None
-        from symat_jax.relax import RelaxConfig  # the module needs jax; configs stays light
-
-        guard = self.retry_coordination if self.relax_guard else None
-        return RelaxConfig(cell=self.relax, keep_coordination=guard, bond_cutoff=self.retry_cutoff, hops=self.relax_hops)
-
-    @classmethod
-    def paper(cls, dataset: str, **overrides: Any) -> "SamplerConfig":
-        """Return the paper setting of ``dataset`` (its temperatures), with overrides."""
-        return get_sampler_config(dataset, "paper", **overrides)
+        if self.sample_temperature is not None and not self.sample_temperature > 0:
+            raise ValueError(f"sample_temperature must be None (argmax) or positive, got {self.sample_temperature!r}")
 
 
-def get_sampler_config(dataset: str, preset: str = "paper", **overrides: Any) -> SamplerConfig:
-    """Return the sampler config of ``dataset`` for a preset; ``overrides`` replace fields.
+STEP_SCHEDULES = ("paper", "norm")
+NOISE_SCHEDULES = ("constant", "sigma")
 
-    ``paper``: SPEC 4 exactly (N(0, T^2 I) latents at the paper temperatures,
-    argmax decoding, 50 x 100 steps of size 1e-4, no final step).
-    ``default``: the best setting measured here (BENCHMARKS.md, quality table):
-    latents from the run's fitted prior, then the settings below.
+
+@dataclasses.dataclass(frozen=True)
+class ChainConfig:
+    """The compiled annealed-Langevin chain (its jit cache key, with the model and the run's statics).
+
+    ``num_levels`` levels spread over the trained ones, high to low noise,
+    ``steps_per_level`` steps each. Step size ``alpha_t``: ``"paper"``
+    ``step_scale (sigma_t / sigma_1)^2`` (SPEC 4), ``"norm"``
+    ``step_scale norm(sigma_t)^2`` (the same share of the predicted target at
+    every level; ``sampling.schedule``). Noise: ``"constant"`` ``temp_coord``
+    (SPEC 4) or ``"sigma"`` ``temp_coord sigma_t / norm(sigma_t)``.
+    ``band = (low, high, steps)``: levels with sigma in ``[low, high]`` A run
+    ``steps`` steps (the chain's time where bonds form). ``final_denoise``:
+    end with ``x + final_denoise * norm(sigma_1) s(x)`` (``sampling.chain.denoise``).
     """
-    registry.get_info(dataset)
-    if preset not in SAMPLER_PRESETS:
-        raise ValueError(f"unknown sampler preset {preset!r}; known: {', '.join(SAMPLER_PRESETS)}")
+
+    num_levels: int = 50
+    steps_per_level: int = 100
+    step_schedule: str = "paper"
+    step_scale: float = 1e-4
+    noise_schedule: str = "constant"
+    temp_coord: float = 0.01
+    band: tuple[float, float, int] | None = None
+    final_denoise: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.step_schedule not in STEP_SCHEDULES:
+            raise ValueError(f"step_schedule must be one of {STEP_SCHEDULES}, got {self.step_schedule!r}")
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}")
+        if self.num_levels < 1 or self.steps_per_level < 1:
+            raise ValueError(f"num_levels and steps_per_level must be at least 1, got {self.num_levels}, "
+                             f"{self.steps_per_level}")
+        if not self.step_scale > 0 or not self.temp_coord >= 0:
+            raise ValueError(f"step_scale must be positive and temp_coord >= 0, got {self.step_scale}, {self.temp_coord}")
+        if self.band is not None:
+            if len(self.band) != 3:
+                raise ValueError(f"band must be (low sigma, high sigma, steps), got {self.band!r}")
+            lo, hi, steps = float(self.band[0]), float(self.band[1]), int(self.band[2])
+            if not 0 < lo <= hi or steps < 1 or steps != self.band[2]:
+                raise ValueError(f"band must be 0 < low <= high sigma (A) with steps >= 1, got {self.band!r}")
+            object.__setattr__(self, "band", (lo, hi, steps))  # a tuple whatever the caller passed: a cache key
+        if self.final_denoise is not None and not self.final_denoise > 0:
+            raise ValueError(f"final_denoise must be None or a positive scale, got {self.final_denoise!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinationRule:
+    """The carbon bonding rule the retry, the relaxation guard and the hops share: ``low`` to ``high`` neighbours within ``cutoff`` A."""
+
+    low: int = 3
+    high: int = 4
+    cutoff: float = 1.8
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.low) <= int(self.high) or not self.cutoff > 0:
+            raise ValueError(f"a coordination rule needs 0 <= low <= high and cutoff > 0, got {self}")
+        object.__setattr__(self, "low", int(self.low))
+        object.__setattr__(self, "high", int(self.high))
+        object.__setattr__(self, "cutoff", float(self.cutoff))
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryConfig:
+    """A second chain for the crystals the first left with an atom outside ``rule``; kept where more atoms are in range.
+
+    Same latent, same cell, new noise; the score network of the run's kept
+    epoch ``checkpoint`` (None: the sampling network).
+    """
+
+    rule: CoordinationRule = CoordinationRule()
+    checkpoint: str | None = None
+
+
+# Basin hopping's threshold (eV/atom): 95% of 300 Carbon-24 training crystals relax (fixed cell, Tersoff) below it
+# (median -6.92, 99% -6.29); half the generated crystals relax above it (BENCHMARKS.md, basin hopping).
+HOP_ABOVE = -6.37
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaxConfig:
+    """FIRE relaxation in Tersoff's carbon potential (``symat_jax.relax``).
+
+    ``steps`` at most, converged below ``fmax`` eV/A; ``cell``: ``"fixed"``
+    keeps each lattice, ``"free"`` relaxes it too at ``pressure`` GPa
+    (Carbon-24 was relaxed at 10 GPa); ``max_step`` (A) caps any atom's move
+    per step. ``guard``: a relaxed crystal replaces the sampled one only where
+    no fewer atoms satisfy the rule (None: every trusted relaxation is kept).
+    """
+
+    steps: int = 1000
+    fmax: float = 0.01
+    cell: str = "fixed"
+    pressure: float = 0.0
+    max_step: float = 0.1
+    max_neighbors: int = 16
+    guard: CoordinationRule | None = None
+
+    def __post_init__(self) -> None:
+        if self.cell not in ("fixed", "free"):
+            raise ValueError(f"cell must be 'fixed' or 'free', got {self.cell!r}")
+        if self.steps < 1 or not self.fmax > 0 or not self.max_step > 0 or self.max_neighbors < 1:
+            raise ValueError(f"steps, fmax, max_step and max_neighbors must be positive, got {self}")
+        if not math.isfinite(self.pressure):
+            raise ValueError(f"pressure must be finite, got {self.pressure}")
+        if self.cell == "fixed" and self.pressure != 0:
+            raise ValueError("a pressure acts only on a free cell: use cell='free' with it")
+
+
+@dataclasses.dataclass(frozen=True)
+class HopConfig:
+    """Basin hopping after the relaxation (how AIRSS-style searches find low-energy carbon).
+
+    ``rounds`` times, each crystal whose relaxed energy per atom lies above
+    ``above`` eV has every atom moved by Gaussian noise of ``sigma`` A and is
+    relaxed again (the preset's ``RelaxConfig`` without its guard); the new
+    crystal is kept where its energy is lower and, with ``guard``, no fewer
+    atoms satisfy the rule. The sample seed draws the displacements.
+    """
+
+    rounds: int = 6
+    sigma: float = 0.3
+    above: float = HOP_ABOVE
+    guard: CoordinationRule | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or not self.sigma > 0 or not math.isfinite(self.above):
+            raise ValueError(f"hops need rounds >= 1, sigma > 0 and a finite threshold, got {self}")
+
+
+StageConfig = ChainConfig | RetryConfig | RelaxConfig | HopConfig
+CHECKPOINT_WEIGHTS = ("raw", "ema")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerPreset:
+    """A sampler: the checkpoint and weights it samples, its prior and decoding, then its stages in order.
+
+    ``stages`` starts with the :class:`ChainConfig`; a :class:`RetryConfig`,
+    :class:`RelaxConfig` or :class:`HopConfig` may follow (a hop needs a
+    relaxation before it). ``checkpoint``: ``best``, ``latest`` or a kept
+    epoch; ``weights``: ``raw`` (trained) or ``ema`` (their moving average).
+    """
+
+    name: str
+    checkpoint: str
+    weights: str
+    prior: PriorConfig
+    decode: DecodeConfig
+    stages: tuple[StageConfig, ...]
+
+    def __post_init__(self) -> None:
+        if self.weights not in CHECKPOINT_WEIGHTS:
+            raise ValueError(f"weights must be one of {CHECKPOINT_WEIGHTS}, got {self.weights!r}")
+        if not self.stages or not isinstance(self.stages[0], ChainConfig):
+            raise ValueError("a sampler preset's first stage is its chain (a ChainConfig)")
+        object.__setattr__(self, "stages", tuple(self.stages))
+        kinds = [type(s) for s in self.stages]
+        if kinds.count(ChainConfig) != 1 or len(set(kinds)) != len(kinds):
+            raise ValueError(f"a sampler preset holds one chain and each other stage at most once, got "
+                             f"{[k.__name__ for k in kinds]}")
+        if HopConfig in kinds and (RelaxConfig not in kinds or kinds.index(HopConfig) < kinds.index(RelaxConfig)):
+            raise ValueError("basin hopping (HopConfig) needs a relaxation (RelaxConfig) before it")
+
+    @property
+    def chain(self) -> ChainConfig:
+        """Return the chain's config."""
+        return self.stages[0]
+
+    def stage(self, kind: type) -> Any:
+        """Return this preset's config of stage ``kind`` (e.g. :class:`RelaxConfig`), or None without that stage."""
+        return next((s for s in self.stages if isinstance(s, kind)), None)
+
+    def replace_stage(self, config: StageConfig) -> "SamplerPreset":
+        """Return this preset with ``config`` in place of its stage of that kind (appended where it has none)."""
+        kind = type(config)
+        if self.stage(kind) is None:
+            return dataclasses.replace(self, stages=self.stages + (config,))
+        return dataclasses.replace(self, stages=tuple(config if isinstance(s, kind) else s for s in self.stages))
+
+    def without(self, kind: type) -> "SamplerPreset":
+        """Return this preset without its stage of ``kind`` (and without the hops when the relaxation goes)."""
+        drop = (kind, HopConfig) if kind is RelaxConfig else (kind,)
+        return dataclasses.replace(self, stages=tuple(s for s in self.stages if not isinstance(s, drop)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the preset as JSON-ready data (each stage under its config's name)."""
+        return {"name": self.name, "checkpoint": self.checkpoint, "weights": self.weights,
+                "prior": {"kind": PRIOR_NAMES[type(self.prior)], **dataclasses.asdict(self.prior)},
+                "decode": dataclasses.asdict(self.decode),
+                "stages": [{"stage": type(s).__name__, **dataclasses.asdict(s)} for s in self.stages]}
+
+
+PRIOR_NAMES = {cls: name for name, cls in PRIOR_CONFIGS.items()}
+
+
+def _paper_preset(dataset: str) -> SamplerPreset:
+    """Return SPEC 4 exactly: N(0, T^2 I) latents at the paper temperatures, argmax decoding, 50 x 100 steps of 1e-4."""
     tc, tp, tl, tx = PAPER_TEMPERATURES[dataset]
-    cfg = SamplerConfig(temp_comp=tc, temp_pos=tp, temp_lat=tl, temp_coord=tx)
-    if preset == "default":
-        cfg = dataclasses.replace(cfg, **DEFAULT_SAMPLER, **DEFAULT_SAMPLER_BY_DATASET.get(dataset, {}))
-    return dataclasses.replace(cfg, **overrides)
+    return SamplerPreset("paper", "best", "raw", StandardPrior(tc, tp, tl), DecodeConfig(),
+                         (ChainConfig(temp_coord=tx),))
 
 
-# The "default" sampler preset's departures from the paper setting.
-# The chain: 25 levels x 10 steps, but the 5 levels with sigma in 0.03-0.1 A run 1,000 steps each (5,200 steps,
-# the cost of the paper's 50 x 100): on Carbon-24 (256 samples, BENCHMARKS.md) extra steps in that band raised
-# 3-4-fold atoms from 58% to 74% (x 300) and 84% (x 1,000); above 0.1 A they bought 1-2 points.
-DEFAULT_SAMPLER: dict[str, Any] = dict(prior="fitted", step_schedule="norm", step_fraction=0.05, noise_schedule="sigma",
-                                       temp_coord=1.0, final_denoise=True, denoise_scale=0.35, num_levels=25,
-                                       steps_per_level=10, band=(0.03, 0.1), band_steps=1000, fit_counts=True)
+def _default_preset(dataset: str) -> SamplerPreset:
+    """Return the best setting measured here (BENCHMARKS.md, current results).
 
-
-# The "default" preset's departures for one dataset. Carbon-24: crystals the chain leaves with an atom that is not
-# 3- or 4-fold within 1.8 A (the data: 100%) run a second chain with the score network of epoch 40, which the paper
-# preset keeps (TRAINING_DEPARTURES): on 256 samples (BENCHMARKS.md, session 13) 37% were retried, 3-4-fold atoms
-# rose from 65% to 99% at the first chain's coverage (COV-R 59.0 / COV-P 10.9 vs 59.0 / 10.2).
-# Then every crystal is relaxed at fixed cell in Tersoff's carbon potential (session 14: COV-R / COV-P on the same
-# 256 samples 59.0 / 10.9 -> 86.5 / 29.7), and 6 rounds of basin hopping follow for crystals that relax above the
-# data's energy (relax.HOP_ABOVE): 86.5 / 29.7 -> 95.5 / 53.9, 3-4-fold atoms 91.3 -> 94.4% (session 15; 1,000
-# samples: 98.5 / 52.0, 95.0%). The
-# retry's coordination rule does not guard the relaxation (relax_guard=False): guarded, 108 of 256 relaxations are
-# undone and never hop (89.0 / 37.1, 99.4% 3-4-fold).
-DEFAULT_SAMPLER_BY_DATASET: dict[str, dict[str, Any]] = {
-    "carbon_24": dict(retry_coordination=(3, 4), retry_cutoff=1.8, relax="fixed", relax_guard=False, relax_hops=6)}
-RETRY_CHECKPOINTS: dict[str, str] = {"carbon_24": "40"}
-
-
-def sampler_retry_checkpoint(dataset: str, preset: str) -> str | None:
-    """Return the kept epoch whose score network a preset's retry chain uses (None: the sampling network)."""
-    return RETRY_CHECKPOINTS.get(dataset) if preset == "default" else None
-
-
-def sampler_checkpoint(preset: str) -> str:
-    """Return which checkpoint of a run a sampler preset uses: ``best`` (validation loss) or ``latest``."""
-    return "best" if preset == "paper" else "latest"
-
-
-def sampler_weights(preset: str) -> str:
-    """Return which parameters a sampler preset uses: ``raw`` (trained) or ``ema`` (their moving average).
-
-    ``paper`` samples the trained parameters (SPEC 4). ``default`` samples the
-    average: on the 150-epoch Carbon-24 run it raised 3-4-fold atoms from 27%
-    to 40% and structure validity from 98.6% to 100% (BENCHMARKS.md).
+    The EMA weights of the latest checkpoint (on the 150-epoch Carbon-24 run
+    they raised 3-4-fold atoms from 27% to 40%); the fitted prior; counts that
+    fit; 25 levels x 10 steps at 0.05 of the target with noise at unit
+    temperature, but the 5 levels with sigma in 0.03-0.1 A run 1,000 steps each
+    (5,200 steps, the paper's cost: 3-4-fold atoms 58 -> 84%), then a denoising
+    step at 0.35 (``experiments/recovery.py``).
     """
-    return "raw" if preset == "paper" else "ema"
+    chain = ChainConfig(num_levels=25, steps_per_level=10, step_schedule="norm", step_scale=0.05,
+                        noise_schedule="sigma", temp_coord=1.0, band=(0.03, 0.1, 1000), final_denoise=0.35)
+    return SamplerPreset("default", "latest", "ema", FittedPrior(), DecodeConfig(fit_counts=True),
+                         (chain, *DEFAULT_STAGES_BY_DATASET.get(dataset, ())))
 
+
+# Carbon-24's stages after the chain (BENCHMARKS.md, current results and their history in docs/quality-history.md):
+# the retry with epoch 40's score network (3-4-fold atoms 65 -> 99%), a fixed-cell Tersoff relaxation without the
+# guard (guarded, 108 of 256 relaxations were undone and never hop), then 6 rounds of basin hopping.
+DEFAULT_STAGES_BY_DATASET: dict[str, tuple[StageConfig, ...]] = {
+    "carbon_24": (RetryConfig(CoordinationRule(3, 4, 1.8), checkpoint="40"), RelaxConfig(cell="fixed"),
+                  HopConfig(rounds=6))}
+SAMPLER_PRESET_BUILDERS = {"paper": _paper_preset, "default": _default_preset}
+
+
+def get_sampler_preset(dataset: str, preset: str = "paper") -> SamplerPreset:
+    """Return the sampler preset ``preset`` (``paper``: SPEC 4; ``default``: the best measured) of ``dataset``."""
+    registry.get_info(dataset)
+    if preset not in SAMPLER_PRESET_BUILDERS:
+        raise ValueError(f"unknown sampler preset {preset!r}; known: {', '.join(SAMPLER_PRESET_BUILDERS)}")
+    return SAMPLER_PRESET_BUILDERS[preset](dataset)
+
+
+def preset_epochs(dataset: str) -> tuple[int, ...]:
+    """Return the epochs whose checkpoints a run of ``dataset`` keeps because one of its sampler presets samples them."""
+    epochs = set()
+    for name in SAMPLER_PRESET_BUILDERS:
+        preset = get_sampler_preset(dataset, name)
+        retry = preset.stage(RetryConfig)
+        for ckpt in (preset.checkpoint, retry.checkpoint if retry else None):
+            if ckpt is not None and ckpt.isdigit():
+                epochs.add(int(ckpt))
+    return tuple(sorted(epochs))
 
 @dataclasses.dataclass(frozen=True)
 class PropertyConfig:

@@ -2,7 +2,9 @@
 
 Beyond the CDVAE protocol: a generated carbon whose atoms have no neighbour
 within bonding distance is "valid" (no pair closer than 0.5 A) but not a
-material. These statistics compare generated sets with the data.
+material. These statistics compare generated sets with the data, and
+:func:`keep_proposals` is the rule by which the sampler's stages keep a
+proposed crystal (more atoms bonded as carbon bonds, or no fewer).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from symat_jax.crystal_sets import CrystalSet
-from symat_jax.geometry import lattice_matrix_np, neighbor_distances
+from symat_jax.crystals import CrystalSet
+from symat_jax.configs import CoordinationRule
+from symat_jax.geometry import coordination_in_range, lattice_matrix_np, neighbor_distances
 
 BOND_CUTOFF = 1.8  # A: a C-C bond (graphite 1.42, diamond 1.54, carbon-24 test split 1.37-1.52)
 
@@ -79,3 +82,32 @@ def coordination_by_density(crystals: CrystalSet, edges: np.ndarray, cutoff: flo
                     "share_3_or_4": float(np.mean((coord == 3) | (coord == 4))) if len(coord) else None,
                     "share_isolated": float(np.mean(coord == 0)) if len(coord) else None})
     return out
+
+
+def rule_shares(rule: CoordinationRule, crystals: CrystalSet, rows: np.ndarray | None = None) -> np.ndarray:
+    """Return ``[len(rows)]`` the share of each crystal's atoms that satisfy ``rule`` (all crystals without ``rows``)."""
+    rows = np.arange(len(crystals)) if rows is None else np.asarray(rows, np.int64)
+    out = np.zeros(len(rows))
+    for k, i in enumerate(rows):
+        _, lengths, angles, frac = crystals.crystal(int(i))
+        out[k] = coordination_in_range(frac, lengths, angles, rule.cutoff, rule.low, rule.high)
+    return out
+
+
+def keep_proposals(proposed: np.ndarray, rule: CoordinationRule | None, before: CrystalSet, after: CrystalSet,
+                   *, strict: bool = False) -> np.ndarray:
+    """Return ``[c]`` where a stage keeps its proposal ``after[i]`` over ``before[i]``: the one accept rule of the sampler.
+
+    A proposal is kept where ``proposed`` (it is trusted and better by the
+    stage's own measure: a relaxation, a lower energy) and, with a ``rule``,
+    where no fewer of its atoms satisfy the rule (``strict``: more). The retry
+    (``strict``: its measure is the rule itself), the relaxation's guard and
+    the hops all keep their proposals by it. Counts only the proposed rows.
+    """
+    keep = np.asarray(proposed, bool).copy()
+    if rule is None:
+        return keep
+    rows = np.flatnonzero(keep)
+    old, new = rule_shares(rule, before, rows), rule_shares(rule, after, rows)
+    keep[rows] = new > old if strict else new >= old
+    return keep

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from symat_jax import metrics
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.data import read_csv, registry
 from symat_jax.files import check_new_file, write_text_atomic
 
@@ -60,7 +60,7 @@ def run_evaluate(
     ref_path = pathlib.Path(reference) if reference else registry.split_path(dataset, "test", data_root)
     ref_data = read_csv(ref_path, dataset, with_graph=False, num_workers=workers, progress=progress)
     report = metrics.evaluate(
-        generated, CrystalSet.from_dataset(ref_data), dataset, scaler, predictor,
+        generated, ref_data.crystal_set(), dataset, scaler, predictor,
         num_property_samples=num_property_samples, seed=seed, workers=workers, progress=progress,
     )
     report.update({
@@ -89,8 +89,8 @@ def load_generated(
     """Return the generated side of an evaluation: a ``samples.npz`` (file or folder) or a CDVAE CSV, optionally subsampled."""
     if str(samples).endswith(".csv"):
         # A CDVAE CSV as the generated side: the protocol's self-check (test split vs itself) or the data ceiling.
-        generated = CrystalSet.from_dataset(read_csv(samples, dataset, with_graph=False, num_workers=workers,
-                                                     progress=progress))
+        generated = (read_csv(samples, dataset, with_graph=False, num_workers=workers,
+                                                     progress=progress)).crystal_set()
     else:
         generated = CrystalSet.from_samples(samples, batch_idx)
     if subsample is None:

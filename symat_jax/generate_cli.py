@@ -1,4 +1,4 @@
-"""``symat sample``: sample from a trained run and write the crystals (samples.npz, CIF files, rejects, summary)."""
+"""``symat sample``: write what :func:`symat_jax.sampling.sample` returns (samples.npz, stage files, CIF files, rejects, summary)."""
 
 from __future__ import annotations
 
@@ -8,33 +8,25 @@ import shutil
 import time
 from typing import Any
 
-import jax
 import numpy as np
 from pymatgen.io.cif import CifWriter
 
-from symat_jax import configs, relax, sampling
+from symat_jax import configs, sampling
 from symat_jax.data.canonical import to_structure
 from symat_jax.files import check_folder_path
-from symat_jax.relax_cli import relax_in_place
-from symat_jax.run import load_prior, load_retry_params, load_run
+from symat_jax.sampling.stages import Samples
 
 
-# The crystals as the first chain left them, beside samples.npz when a retry ran (SamplerConfig.retry_coordination).
-FIRST_PASS_FILE = "first_pass.npz"
-
-
-def write_samples(result: sampling.SampleResult, out: str | pathlib.Path, cif: bool = True) -> pathlib.Path:
-    """Write ``samples.npz`` (CDVAE layout), ``cif/<index>.cif`` and ``rejects.json`` under ``out``; return ``out``."""
+def write_samples(samples: Samples, out: str | pathlib.Path, cif: bool = True) -> pathlib.Path:
+    """Write every ``.npz`` file of ``samples`` (CDVAE layout), ``cif/<index>.cif`` and ``rejects.json`` under ``out``; return ``out``."""
     out = pathlib.Path(out)
     (out / "cif").mkdir(parents=True, exist_ok=True)
-    np.savez(out / "samples.npz", **result.to_cdvae())
-    if result.first_frac_coords is not None:
-        np.savez(out / FIRST_PASS_FILE, **result.to_cdvae(first_pass=True))
+    for name, arrays in samples.npz_files().items():
+        np.savez(out / name, **arrays)
     if cif:
-        for k, i in enumerate(result.index):
-            s = to_structure(result.atom_types[k], result.lengths[k], result.angles[k], result.frac_coords[k])
-            CifWriter(s).write_file(out / "cif" / f"{int(i)}.cif")
-    (out / "rejects.json").write_text(json.dumps(result.rejects, indent=1))
+        for k, i in enumerate(samples.index):
+            CifWriter(to_structure(*samples.crystals.crystal(k))).write_file(out / "cif" / f"{int(i)}.cif")
+    (out / "rejects.json").write_text(json.dumps(samples.rejects, indent=1))
     return out
 
 
@@ -45,70 +37,57 @@ def check_output_folder(out: str | pathlib.Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out} is not empty; choose a new folder or pass --overwrite to replace its contents")
 
 
-def run_sample(
-    workdir: str,
-    num: int,
-    out: str,
-    *,
-    preset: str = configs.DEFAULT_SAMPLER_PRESET,
-    batch_size: int = 256,
-    seed: int = 0,
-    checkpoint: str | None = None,
-    weights: str | None = None,
-    score_checkpoint: str | None = None,
-    retry_checkpoint: str | None = None,
-    overwrite: bool = False,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """Sample ``num`` crystals from the run in ``workdir`` into ``out``; return a summary.
+def summarize(samples: Samples, run: sampling.SamplingRun, preset: configs.SamplerPreset, *, workdir: str,
+              seconds: float) -> dict[str, Any]:
+    """Return the JSON summary of a sample set: the run's epochs, counts, timings, what each stage did, the preset."""
+    rec = samples.records
+    chain = rec.get("chain", {})
+    counts = np.bincount(samples.crystals.num_atoms, minlength=run.model.max_atoms + 1)
+    retry = rec.get("retry")
+    return {
+        "workdir": str(workdir),
+        **run.epochs,
+        "preset": preset.name,
+        "num_requested": rec["decode"]["num_requested"],
+        "num_written": len(samples),
+        "num_rejected": len(samples.rejects),
+        "neighbor_overflow": int(samples.overflow.sum()),
+        "compile_seconds": round(chain.get("compile_seconds", 0.0) + (retry or {}).get("compile_seconds", 0.0), 2),
+        "run_seconds": round(chain.get("run_seconds", 0.0) + (retry or {}).get("run_seconds", 0.0), 2),
+        "total_seconds": round(seconds, 2),
+        "padded_atom_share": round(chain.get("padded_atom_share", 0.0), 4),
+        "stages": {name: _rounded(r) for name, r in rec.items()},
+        "atom_count_histogram": {int(n): int(c) for n, c in enumerate(counts) if c},
+        "sampler": preset.to_dict(),
+    }
 
-    ``preset`` names a sampler preset (:func:`symat_jax.configs.get_sampler_config`);
-    ``overrides`` replace its fields (``None`` values are ignored). ``checkpoint``
-    (best or latest) and ``weights`` (raw or ema) default to the preset's choice; ``score_checkpoint`` takes
-    the score network from another kept checkpoint (:func:`symat_jax.run.load_run`); ``retry_checkpoint`` the
-    retry chain's score network (``retry_coordination``; default: the sampling one). A non-empty ``out`` is
-    refused before any work (outputs of two runs never mix) unless
-    ``overwrite``, which clears it once the new samples exist.
+
+def _rounded(record: dict[str, Any]) -> dict[str, Any]:
+    """Return a stage record with its seconds rounded to 0.01."""
+    return {k: round(v, 2) if k.endswith("seconds") else v for k, v in record.items()}
+
+
+def run_sample(workdir: str, num: int, out: str, *, preset: configs.SamplerPreset | str = configs.DEFAULT_SAMPLER_PRESET,
+               batch_size: int = 256, seed: int = 0, score_checkpoint: str | None = None,
+               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Sample ``num`` crystals of ``preset`` from the run in ``workdir`` into ``out``; return the summary written there.
+
+    ``preset``: a :class:`~symat_jax.configs.SamplerPreset` or a built-in's
+    name; ``score_checkpoint`` takes the score network from another kept
+    checkpoint. A non-empty ``out`` is refused before any work (outputs of two
+    runs never mix) unless ``overwrite``, which clears it once the new samples exist.
     """
+    from symat_jax.run import read_config
+
     check_output_folder(out, overwrite)
-    ckpt, weights = checkpoint or configs.sampler_checkpoint(preset), weights or configs.sampler_weights(preset)
-    loaded = load_run(workdir, ckpt, weights, score_checkpoint)
-    config, statics, params, meta = loaded
-    cfg = configs.get_sampler_config(config.dataset, preset, **{k: v for k, v in overrides.items() if v is not None})
-    if cfg.relax is not None and config.dataset not in relax.CARBON_DATASETS:
-        raise ValueError(f"relax={cfg.relax!r}: the Tersoff relaxation knows carbon only, not {config.dataset}; "
-                         "sample without it (--no-relax)")
-    retry_params, retry_epoch = load_retry_params(workdir, loaded, cfg, preset, ckpt, weights, retry_checkpoint)
-    prior = load_prior(workdir) if cfg.prior == "fitted" else None
+    if isinstance(preset, str):
+        preset = configs.get_sampler_preset(read_config(workdir).dataset, preset)
     t0 = time.perf_counter()
-    result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
-                             batch_size=batch_size, prior=prior, retry_params=retry_params)
+    run = sampling.load_sampling_run(workdir, preset, score_checkpoint=score_checkpoint)
+    samples = sampling.sample(run, preset, num, seed, batch_size=batch_size, progress=progress)
+    summary = summarize(samples, run, preset, workdir=workdir, seconds=time.perf_counter() - t0)
     if overwrite and pathlib.Path(out).exists():
         shutil.rmtree(out)
-    write_samples(result, out)
-    counts = np.bincount([len(t) for t in result.atom_types], minlength=config.model.max_atoms + 1)
-    summary = {
-        "workdir": str(workdir),
-        "checkpoint_epoch": int(meta["epoch"]) + 1,
-        "score_epoch": meta["score_epoch"],
-        "weights": meta["weights"],
-        "preset": preset,
-        "num_requested": num,
-        "num_written": len(result.atom_types),
-        "num_rejected": len(result.rejects),
-        "neighbor_overflow": int(result.overflow.sum()),
-        "compile_seconds": round(result.compile_seconds, 2),
-        "run_seconds": round(result.run_seconds, 2),
-        "total_seconds": round(time.perf_counter() - t0, 2),
-        "padded_atom_share": round(result.padded_atom_share, 4),
-        "retry": result.retry_summary(retry_epoch),
-        "atom_count_histogram": {int(n): int(c) for n, c in enumerate(counts) if c},
-        "sampler": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-    }
+    write_samples(samples, out)
     (pathlib.Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
-    if cfg.relax is not None:
-        # The sampled crystals are on disk first: a failed relaxation loses nothing that was sampled.
-        summary["relax"] = relax_in_place(out, cfg.relax_config(), batch_size=batch_size, seed=seed)
-        summary["total_seconds"] = round(time.perf_counter() - t0, 2)
-        (pathlib.Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -18,7 +18,8 @@ import numpy as np
 
 from symat_jax.data.dataset import CrystalDataset
 from symat_jax.geometry import lattice_matrix_np
-from symat_jax.run import LatticeStandardizer
+from symat_jax.data.ragged import pad_atoms  # noqa: F401  (batching pads with it)
+from symat_jax.statics import LatticeStandardizer
 
 Batch = dict[str, Any]
 
@@ -167,25 +168,6 @@ def batches(
         n_node = int(dataset.num_atoms[idx].sum())
         n_edge = int(dataset.num_edges[idx].sum())
         yield encoder_batch(dataset, idx, choose_budget(n_node, n_edge, budgets)), idx
-
-
-def pad_atoms(
-    num_atoms: np.ndarray, atomic_numbers: np.ndarray, frac_coords: np.ndarray, max_atoms: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return crystals concatenated over atoms as ``(atomic_numbers [c, n] int32, frac_coords [c, n, 3] float32, atom_mask [c, n])``.
-
-    Padding atoms have atomic number 0 and zero coordinates; the caller
-    checks that no crystal holds more than ``max_atoms`` atoms.
-    """
-    num_atoms = np.asarray(num_atoms, np.int64)
-    c = len(num_atoms)
-    row = np.repeat(np.arange(c), num_atoms)
-    col = np.arange(len(row)) - np.repeat(np.cumsum(num_atoms) - num_atoms, num_atoms)
-    z = np.zeros((c, max_atoms), np.int32)
-    frac = np.zeros((c, max_atoms, 3), np.float32)
-    mask = np.zeros((c, max_atoms), bool)
-    z[row, col], frac[row, col], mask[row, col] = atomic_numbers, frac_coords, True
-    return z, frac, mask
 
 
 def dense_batch(dataset: CrystalDataset, indices: Sequence[int], max_atoms: int) -> dict[str, np.ndarray]:

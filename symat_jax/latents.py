@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from symat_jax import graphs, run
-from symat_jax.configs import TrainConfig, sampler_weights
+from symat_jax.configs import TrainConfig, get_sampler_preset
 from symat_jax.data import CrystalDataset, load_split
 from symat_jax.files import write_text_atomic
 from symat_jax.input_pipeline import epoch_batches, pad_budgets
@@ -159,7 +159,7 @@ def fit_prior(
     if unknown or not families:
         raise ValueError(f"prior families must be a non-empty subset of {PRIOR_FAMILIES}, got {list(families)}")
     workdir = pathlib.Path(workdir)
-    weights = weights or sampler_weights("default")
+    weights = weights or get_sampler_preset(run.read_config(workdir).dataset, "default").weights
     config, statics, params, meta = run.load_run(workdir, checkpoint, weights)
     if datasets is None:
         train = load_split(config.dataset, "train", data_root, progress=progress)

@@ -26,7 +26,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import wasserstein_distance
 
 from symat_jax import hostpool
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.data import registry
 from symat_jax.data.canonical import to_structure
 from symat_jax.files import read_json

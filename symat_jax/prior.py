@@ -24,18 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-PRIOR_KINDS = ("standard", "fitted")
-# Earlier name of "fitted", from when the fitted prior was always a Gaussian mixture; still accepted (CLI, configs,
-# summaries written before the kernel density joined).
-PRIOR_ALIASES = {"gmm": "fitted"}
-
-
-def canonical_prior_kind(kind: str) -> str:
-    """Return the prior kind ``kind`` names (``gmm`` -> ``fitted``); raise ``ValueError`` for an unknown one."""
-    kind = PRIOR_ALIASES.get(kind, kind)
-    if kind not in PRIOR_KINDS:
-        raise ValueError(f"prior must be one of {PRIOR_KINDS} (or the alias 'gmm'), got {kind!r}")
-    return kind
 
 
 class MixturePrior(NamedTuple):

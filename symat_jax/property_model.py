@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from symat_jax import geometry, graphs, loop
 from symat_jax.checkpoints import RunCheckpoints, start_run
 from symat_jax.configs import PropertyConfig
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.data import load_split, registry
 from symat_jax.neighbors import nearest_with_ties, periodic_neighbors, required_image_range
 from symat_jax.networks import NUM_ELEMENTS, SphereNet, swish
@@ -211,7 +211,7 @@ def _split(dataset: str, split: str, data_root: str | None, progress: bool) -> t
     keep = np.flatnonzero(np.isfinite(data.properties))
     if len(keep) < len(data):
         log.warning("%s/%s: %d crystals have no %s; left out", dataset, split, len(data) - len(keep), data.property_column)
-    return CrystalSet.from_dataset(data).subset(keep), np.asarray(data.properties[keep], float)
+    return data.crystal_set().subset(keep), np.asarray(data.properties[keep], float)
 
 
 def mae(pred: np.ndarray, target: np.ndarray) -> float:

@@ -29,9 +29,10 @@ import numpy as np
 
 from symat_jax.checkpoints import DamagedCheckpointError, RunCheckpoints
 from symat_jax.files import read_json, write_text_atomic
-from symat_jax.configs import TrainConfig, sampler_retry_checkpoint
+from symat_jax.configs import TrainConfig
 from symat_jax.model import SCORE_MODULES
 from symat_jax.prior import MixturePrior
+from symat_jax.statics import LatticeStandardizer, RunStatics  # noqa: F401  (part of a run)
 
 log = logging.getLogger(__name__)
 
@@ -75,74 +76,6 @@ class TrainState:
         if "ema_params" not in stored and self.ema_params is not None:
             state = state.replace(ema_params=jax.tree_util.tree_map(np.array, stored["params"]))  # a copy: steps donate
         return state
-
-
-@dataclasses.dataclass(frozen=True)
-class LatticeStandardizer:
-    """Mean and std of ``(scaled lengths, angles)`` fit on a training set (saved with the model)."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def fit(cls, features: np.ndarray) -> "LatticeStandardizer":
-        """Return the standardiser of ``[c, 6]`` lattice features (scaled lengths, angles)."""
-        x = np.asarray(features)
-        return cls(tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in np.maximum(x.std(0), 1e-6)))
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """Return standardised ``[c, 6]`` features."""
-        return (x - np.asarray(self.mean)) / np.asarray(self.std)
-
-    def inverse(self, x: np.ndarray) -> np.ndarray:
-        """Return ``[..., 6]`` (scaled lengths, angles) from standardised values."""
-        return np.asarray(x) * np.asarray(self.std) + np.asarray(self.mean)
-
-    def to_json(self) -> str:
-        """Return the standardiser as JSON."""
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "LatticeStandardizer":
-        """Return the standardiser stored by :meth:`to_json`."""
-        d = json.loads(text)
-        return cls(tuple(d["mean"]), tuple(d["std"]))
-
-
-@dataclasses.dataclass(frozen=True)
-class RunStatics:
-    """Values fixed for a run and stored beside its checkpoints (``normalizers.json``).
-
-    Frozen and hashable: jitted samplers take it whole as a static argument.
-    """
-
-    score_norm: tuple[float, ...]
-    max_images: tuple[int, int, int]
-    element_slots: int
-    lattice: LatticeStandardizer
-
-    def to_json(self) -> str:
-        """Return the statics as JSON."""
-        return json.dumps(
-            {
-                "score_norm": list(self.score_norm),
-                "max_images": list(self.max_images),
-                "element_slots": self.element_slots,
-                "lattice": json.loads(self.lattice.to_json()),
-            },
-            indent=2,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> "RunStatics":
-        """Return the statics stored by :meth:`to_json`."""
-        d = json.loads(text)
-        return cls(
-            tuple(d["score_norm"]),
-            tuple(d["max_images"]),
-            int(d["element_slots"]),
-            LatticeStandardizer.from_json(json.dumps(d["lattice"])),
-        )
 
 
 class LoadedRun(NamedTuple):
@@ -249,32 +182,6 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best", weights: str
         params = {**params, "params": {**params["params"], **{k: source["params"][k] for k in SCORE_MODULES}}}
         meta["score_epoch"] = int(other_meta["epoch"]) + 1
     return LoadedRun(config, statics, params, meta)
-
-
-def load_retry_params(workdir: str | pathlib.Path, loaded: LoadedRun, cfg: Any, preset: str, checkpoint: str,
-                      weights: str, retry_checkpoint: str | None = None) -> tuple[Any | None, int]:
-    """Return ``(parameters of the retry chain or None for the sampling ones, its score network's epoch)``.
-
-    ``retry_checkpoint`` names the kept epoch whose score network the retry
-    uses; without it, the preset's choice (``configs.sampler_retry_checkpoint``),
-    and the sampling network where the run does not keep that epoch (a warning).
-    """
-    epoch = loaded.meta["score_epoch"]
-    if retry_checkpoint is not None and cfg.retry_coordination is None:
-        raise ValueError("a retry score checkpoint needs a retry: set retry_coordination (--retry-coordination)")
-    choice = sampler_retry_checkpoint(loaded.config.dataset, preset) if cfg.retry_coordination else None
-    if retry_checkpoint is None and choice is None:
-        return None, epoch
-    try:
-        retry = load_run(workdir, checkpoint, weights, retry_checkpoint or choice)
-    except FileNotFoundError:
-        if retry_checkpoint is not None:
-            raise
-        # A run trained before epochs were kept: the retry still helps, with the sampling network.
-        log.warning("%s keeps no epoch %s: the retry chain uses the sampling score network (epoch %s)",
-                    workdir, choice, epoch)
-        return None, epoch
-    return retry.params, retry.meta["score_epoch"]
 
 
 def load_prior(workdir: str | pathlib.Path) -> MixturePrior:

@@ -155,7 +155,7 @@ def test_the_exact_score_target_brings_perturbed_test_crystals_back(full_run, da
 def test_quality_study_scores_the_data_ceiling_beside_the_variants(data_root, tmp_path, monkeypatch, capsys):
     from experiments import quality_study
     from symat_jax import cli
-    from symat_jax.crystal_sets import CrystalSet
+    from symat_jax.crystals import CrystalSet
     from symat_jax.data import load_split
 
     monkeypatch.setenv("SYMAT_CACHE_DIR", str(tmp_path / "cache"))
@@ -165,7 +165,7 @@ def test_quality_study_scores_the_data_ceiling_beside_the_variants(data_root, tm
     for split in ("train", "test"):
         write_csv(root / "carbon_24" / f"{split}.csv", rows)
     shutil.copy(data_root / "comp_scaler.json", root / "comp_scaler.json")
-    test = CrystalSet.from_dataset(load_split("carbon_24", "test", root, with_graph=False, progress=False))
+    test = (load_split("carbon_24", "test", root, with_graph=False, progress=False)).crystal_set()
     variant = tmp_path / "study" / "default"
     variant.mkdir(parents=True)
     gen = test.subset(np.arange(5))
@@ -197,7 +197,7 @@ def test_quality_study_scores_the_data_ceiling_beside_the_variants(data_root, tm
 
 def test_a_retry_variant_reuses_the_first_chain_of_its_base_variant(full_run, tmp_path, monkeypatch):
     from experiments import quality_sample
-    from symat_jax.crystal_sets import CrystalSet
+    from symat_jax.crystals import CrystalSet
 
     workdir, _ = full_run
     short = dict(num_levels=2, steps_per_level=2, band=None)
@@ -224,10 +224,10 @@ def test_a_retry_variant_reuses_the_first_chain_of_its_base_variant(full_run, tm
 
 def test_a_relaxed_variant_samples_its_base_once_and_relaxes_a_copy(data_root, tmp_path, monkeypatch):
     from experiments import quality_sample
-    from symat_jax.crystal_sets import CrystalSet
+    from symat_jax.crystals import CrystalSet
     from symat_jax.data import load_split
 
-    test = CrystalSet.from_dataset(load_split("carbon_24", "test", data_root, with_graph=False, progress=False))
+    test = (load_split("carbon_24", "test", data_root, with_graph=False, progress=False)).crystal_set()
     gen = test.subset(np.arange(4))
     noisy = (gen.frac_coords + np.random.default_rng(0).normal(0, 0.01, gen.frac_coords.shape)) % 1.0
     calls = []
@@ -267,7 +267,7 @@ def test_a_relaxed_variant_samples_its_base_once_and_relaxes_a_copy(data_root, t
 def test_two_score_chain_switches_networks_at_the_first_level_below_the_switch(full_run, tmp_path, monkeypatch, capsys):
     from experiments import two_score_chain
     from symat_jax import configs
-    from symat_jax.crystal_sets import CrystalSet
+    from symat_jax.crystals import CrystalSet
 
     workdir, _ = full_run
     monkeypatch.setitem(configs.DEFAULT_SAMPLER, "band_steps", 2)

@@ -9,7 +9,7 @@ import pytest
 from pymatgen.core import Composition, Element
 
 from symat_jax import metrics
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.metrics import build_crystal, min_periodic_distance, smact_validity, structure_validity
 
 
@@ -41,7 +41,7 @@ def self_reports(test_splits, scaler, cache_dir):
     """Return ``{dataset: report}`` of each full test split scored against itself."""
     out = {}
     for name, data in test_splits.items():
-        crystals = CrystalSet.from_dataset(data)
+        crystals = data.crystal_set()
         out[name] = metrics.evaluate(crystals, crystals, name, scaler, workers=2, progress=False, cache_dir=cache_dir)
     return out
 
@@ -122,7 +122,7 @@ def test_invalid_crystals_and_rejects_count_against_the_sample(test_splits, scal
     nacl2 = (_z("NaCl2"), [5.6, 5.6, 5.6], [90, 90, 90], [[0, 0, 0], [0.5, 0.5, 0.5], [0.0, 0.5, 0.5]])
     flat = (_z("NaCl"), [5.6, 5.6, 1e-4], [90, 90, 90], [[0, 0, 0], [0.5, 0.5, 0.5]])  # not constructed
     generated = _crystal_set([nacl, close, nacl2, flat], rejected=1)
-    ref = CrystalSet.from_dataset(test_splits["perov_5"]).subset(np.arange(40))
+    ref = test_splits["perov_5"].crystal_set().subset(np.arange(40))
     report = metrics.evaluate(generated, ref, "perov_5", scaler, workers=1, progress=False, cache_dir=cache_dir)
     assert report["num_samples"] == 5
     assert report["struct_validity"] == pytest.approx(2 / 5)  # NaCl and NaCl2
@@ -197,7 +197,7 @@ def test_scaler_replaces_nan_and_checks_its_file(scaler, tmp_path):
 # Crystal sets from samples.npz.
 
 def test_samples_npz_in_cdvae_layout(tmp_path, test_splits):
-    cs = CrystalSet.from_dataset(test_splits["carbon_24"]).subset(np.arange(5))
+    cs = test_splits["carbon_24"].crystal_set().subset(np.arange(5))
     arrays = dict(num_atoms=cs.num_atoms, atom_types=cs.atom_types, frac_coords=cs.frac_coords,
                   lengths=cs.lengths, angles=cs.angles)
     np.savez(tmp_path / "ours.npz", **arrays)
@@ -218,7 +218,7 @@ def test_samples_npz_in_cdvae_layout(tmp_path, test_splits):
 
 
 def test_scores_are_cached_per_chunk(test_splits, tmp_path, monkeypatch):
-    crystals = CrystalSet.from_dataset(test_splits["perov_5"]).subset(np.arange(10))
+    crystals = test_splits["perov_5"].crystal_set().subset(np.arange(10))
     whole = metrics.score_crystals(crystals, workers=1, progress=False, cache_dir=tmp_path, chunk_size=4)
     assert len(list(tmp_path.glob("scores-*.npz"))) == 3  # chunks of 4, 4, 2
     calls = []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from symat_jax import cli, configs, evaluate_cli, property_model
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 
 from conftest import csv_rows, write_csv
 
@@ -50,7 +50,7 @@ def _random_predictor(crystals: CrystalSet) -> property_model.PropertyPredictor:
 
 
 def test_predictions_are_invariant_to_atom_order_translation_and_supercells(test_splits):
-    crystals = CrystalSet.from_dataset(test_splits["perov_5"]).subset(np.arange(6))
+    crystals = test_splits["perov_5"].crystal_set().subset(np.arange(6))
     model = _random_predictor(crystals)
     base = model(crystals)
     assert np.std(base) > 1e-3  # different crystals, different predictions
@@ -81,7 +81,7 @@ def test_train_property_writes_a_usable_run(trained, tiny_perov):
     from symat_jax.data import load_split
 
     test = load_split("perov_5", "test", tiny_perov, with_graph=False, progress=False)
-    pred = model(CrystalSet.from_dataset(test))
+    pred = model(test.crystal_set())
     assert pred.shape == (48,)
     assert property_model.mae(pred, test.properties) == pytest.approx(result["test_mae"], rel=1e-5)
     # Resuming to more epochs continues the log instead of starting over.
@@ -97,7 +97,7 @@ def test_symat_evaluate_end_to_end(trained, tiny_perov, tmp_path, monkeypatch, c
     monkeypatch.setenv("SYMAT_CACHE_DIR", str(tmp_path / "cache"))
     from symat_jax.data import load_split
 
-    ref = CrystalSet.from_dataset(load_split("perov_5", "test", tiny_perov, with_graph=False, progress=False))
+    ref = (load_split("perov_5", "test", tiny_perov, with_graph=False, progress=False)).crystal_set()
     gen = ref.subset(np.arange(0, 48, 2))
     np.savez(tmp_path / "samples.npz", num_atoms=gen.num_atoms, atom_types=gen.atom_types,
              frac_coords=gen.frac_coords, lengths=gen.lengths, angles=gen.angles)

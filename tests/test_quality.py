@@ -13,7 +13,7 @@ import pytest
 from symat_jax import configs, geometry, graphs, latents, losses, sampling, score
 from symat_jax.model import SyMat
 from symat_jax.coordination import coordination_by_density, local_structure, neighbor_distances
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 from symat_jax.prior import MixturePrior, mixture_log_density, sample_mixture
 
 from test_model import CONFIG, crystals, params  # noqa: F401  (fixtures)
@@ -349,7 +349,7 @@ def test_local_structure_matches_pymatgen_neighbours_and_the_carbon_data(test_sp
         ours = neighbor_distances(frac, geometry.lattice_matrix_np(lengths, angles), 3.0)
         for i, row in enumerate(ours):
             np.testing.assert_allclose(row, np.sort([n.nn_distance for n in s.get_neighbors(s[i], 3.0)]), atol=1e-8)
-    stats = local_structure(CrystalSet.from_dataset(test_splits["carbon_24"]))
+    stats = local_structure(test_splits["carbon_24"].crystal_set())
     assert stats["share_3_or_4"] > 0.99 and stats["share_isolated"] == 0.0  # real carbon is 3- or 4-fold
     assert 1.3 < stats["nn_distance_quantiles"][0] and stats["nn_distance_quantiles"][-1] < 1.6
 
@@ -357,7 +357,7 @@ def test_local_structure_matches_pymatgen_neighbours_and_the_carbon_data(test_sp
 def test_densities_match_pymatgen_and_stretched_cells_lose_their_bonds_in_the_low_density_bin(test_splits):
     from symat_jax.data.canonical import to_structure
 
-    real = CrystalSet.from_dataset(test_splits["carbon_24"])
+    real = test_splits["carbon_24"].crystal_set()
     dens = real.densities()
     for i in range(0, len(real), max(len(real) // 7, 1)):
         np.testing.assert_allclose(dens[i], to_structure(*real.crystal(i)).density, rtol=1e-6)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from symat_jax import geometry, relax
-from symat_jax.crystal_sets import CrystalSet
+from symat_jax.crystals import CrystalSet
 
 
 def diamond(a: float) -> tuple[np.ndarray, np.ndarray]:

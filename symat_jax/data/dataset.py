@@ -18,6 +18,7 @@ import numpy as np
 from symat_jax import hostpool
 from symat_jax.data import ragged, registry
 from symat_jax.data.canonical import MAX_ATOMIC_NUMBER, BadCrystalError, CanonicalCrystal, canonicalize
+from symat_jax.crystals import CrystalSet
 from symat_jax.geometry import cell_defect
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,12 @@ class CrystalDataset:
     def scaled_lengths(self) -> np.ndarray:
         """Return [c, 3] lattice lengths divided by ``N^(1/3)`` (SPEC 1)."""
         return self.lengths / np.cbrt(self.num_atoms)[:, None]
+
+    def crystal_set(self) -> CrystalSet:
+        """Return the crystals of this split (canonical cells) as the project's numpy container."""
+        return CrystalSet(np.asarray(self.num_atoms, np.int64), np.asarray(self.atomic_numbers, np.int64),
+                          np.asarray(self.frac_coords, float), np.asarray(self.lengths, float),
+                          np.asarray(self.angles, float))
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "CrystalDataset":
         """Return the crystals at ``indices`` (in that order) as a new dataset."""

@@ -1,7 +1,7 @@
 """Ragged arrays in CDVAE's flat layout: per-item counts plus rows concatenated over items (host-side numpy).
 
 Both crystal containers (:class:`~symat_jax.data.dataset.CrystalDataset` and
-:class:`~symat_jax.crystal_sets.CrystalSet`) store atoms (and edges) this way.
+:class:`~symat_jax.crystals.CrystalSet`) store atoms (and edges) this way.
 """
 
 from __future__ import annotations
@@ -23,3 +23,22 @@ def take_rows(counts: np.ndarray, indices: Sequence[int] | np.ndarray) -> np.nda
     first = starts(counts)[indices]
     sizes = counts[indices]
     return np.repeat(first - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()), dtype=np.int64)
+
+
+def pad_atoms(
+    num_atoms: np.ndarray, atomic_numbers: np.ndarray, frac_coords: np.ndarray, max_atoms: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return crystals concatenated over atoms as ``(atomic_numbers [c, n] int32, frac_coords [c, n, 3] float32, atom_mask [c, n])``.
+
+    Padding atoms have atomic number 0 and zero coordinates; the caller
+    checks that no crystal holds more than ``max_atoms`` atoms.
+    """
+    num_atoms = np.asarray(num_atoms, np.int64)
+    c = len(num_atoms)
+    row = np.repeat(np.arange(c), num_atoms)
+    col = np.arange(len(row)) - np.repeat(np.cumsum(num_atoms) - num_atoms, num_atoms)
+    z = np.zeros((c, max_atoms), np.int32)
+    frac = np.zeros((c, max_atoms, 3), np.float32)
+    mask = np.zeros((c, max_atoms), bool)
+    z[row, col], frac[row, col], mask[row, col] = atomic_numbers, frac_coords, True
+    return z, frac, mask

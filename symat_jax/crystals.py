@@ -1,10 +1,11 @@
-"""Sets of crystals in CDVAE's flat layout: generated ``samples.npz`` files and dataset splits, for evaluation.
+"""Crystals in CDVAE's flat layout (numpy only): what the sampler's stages pass on, ``samples.npz`` files, dataset splits.
 
-A :class:`CrystalSet` is the evaluation's container: atoms and cells only,
-plus the count of crystals a sampler rejected. The training container,
+A :class:`CrystalSet` holds atoms and cells only, plus the count of crystals
+a sampler rejected. The training container,
 :class:`~symat_jax.data.dataset.CrystalDataset`, also carries ids, properties
 and encoder edges; both store atoms with the same ragged helpers
-(:mod:`symat_jax.data.ragged`), and :meth:`CrystalSet.from_dataset` converts.
+(:mod:`symat_jax.data.ragged`), and :meth:`~symat_jax.data.dataset.CrystalDataset.crystal_set`
+converts. This floor imports no jax, pymatgen or CSV reader.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import zipfile
 import numpy as np
 
 from symat_jax.data import ragged
-from symat_jax.data.dataset import CrystalDataset
+from symat_jax.data.ragged import pad_atoms
 from symat_jax.files import read_json
 from symat_jax.geometry import volume_factor
-from symat_jax.input_pipeline import pad_atoms
 
 
 def _check_samples(file: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
@@ -113,12 +113,6 @@ class CrystalSet:
         z, frac, mask = pad_atoms(self.num_atoms, self.atom_types, self.frac_coords, n)
         return {"atomic_numbers": z, "frac_coords": frac, "atom_mask": mask,
                 "lengths": self.lengths.astype(np.float32), "angles": self.angles.astype(np.float32)}
-
-    @classmethod
-    def from_dataset(cls, data: CrystalDataset) -> "CrystalSet":
-        """Return the crystals of a dataset split (its canonical cells)."""
-        return cls(np.asarray(data.num_atoms, np.int64), np.asarray(data.atomic_numbers, np.int64),
-                   np.asarray(data.frac_coords, float), np.asarray(data.lengths, float), np.asarray(data.angles, float))
 
     @classmethod
     def from_samples(cls, path: str | os.PathLike, batch_idx: int = 0) -> "CrystalSet":

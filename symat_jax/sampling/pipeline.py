@@ -1,0 +1,135 @@
+"""``sample(run, preset, num, seed)``: a preset's stages on a trained run, in memory; what ``symat sample`` writes.
+
+:func:`load_sampling_run` reads what a preset samples from a run folder (its
+checkpoint and weights, the retry's network, the fitted prior);
+:func:`sample` decodes the request and runs the preset's stages in order.
+The command line only writes the returned :class:`~symat_jax.sampling.stages.Samples`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from symat_jax.configs import (FittedPrior, ModelConfig, RelaxConfig, RetryConfig, SamplerPreset,
+                               get_sampler_preset)
+from symat_jax.crystals import CrystalSet
+from symat_jax.prior import MixturePrior
+from symat_jax.sampling.decode import decode_batches
+from symat_jax.sampling.schedule import build_schedule
+from symat_jax.sampling.stages import Context, Samples, build_stages
+from symat_jax.statics import RunStatics
+from symat_jax.tersoff import CARBON_DATASETS
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRun:
+    """What a preset samples with: the run's dataset, model, statics and parameters, its prior, and the epochs loaded.
+
+    ``stage_params``: parameters of a stage that samples another network
+    (``"retry"``: the retry's epoch); ``epochs``: ``checkpoint_epoch``,
+    ``score_epoch``, ``weights`` and, with a retry, ``retry_epoch``.
+    """
+
+    dataset: str
+    model: ModelConfig
+    statics: RunStatics
+    params: Any
+    prior: MixturePrior | None = None
+    stage_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    epochs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def load_sampling_run(workdir: str | os.PathLike, preset: SamplerPreset, *, score_checkpoint: str | None = None) -> SamplingRun:
+    """Return what ``preset`` samples from the run in ``workdir`` (its checkpoint, weights, retry network and prior).
+
+    ``score_checkpoint`` takes the score network from another kept checkpoint
+    (the decoders from the preset's). A retry whose epoch the run does not
+    keep uses the sampling network, with a warning, when that epoch is the
+    named preset's own choice (a run trained before it was kept); an epoch the
+    caller chose must exist.
+    """
+    from symat_jax import run as run_folder  # orbax: loaded only where a run folder is read
+
+    loaded = run_folder.load_run(workdir, preset.checkpoint, preset.weights, score_checkpoint)
+    config, statics, params, meta = loaded
+    epochs = {"checkpoint_epoch": int(meta["epoch"]) + 1, "score_epoch": meta["score_epoch"],
+              "weights": meta["weights"]}
+    stage_params: dict[str, Any] = {}
+    retry = preset.stage(RetryConfig)
+    if retry is not None:
+        epochs["retry_epoch"] = meta["score_epoch"]
+        if retry.checkpoint is not None:
+            try:
+                other = run_folder.load_run(workdir, preset.checkpoint, preset.weights, retry.checkpoint)
+                stage_params["retry"] = other.params
+                epochs["retry_epoch"] = other.meta["score_epoch"]
+            except FileNotFoundError:
+                builtin = _builtin_stage(config.dataset, preset.name, RetryConfig)
+                if builtin is None or builtin.checkpoint != retry.checkpoint:
+                    raise
+                log.warning("%s keeps no epoch %s: the retry chain uses the sampling score network (epoch %s)",
+                            workdir, retry.checkpoint, meta["score_epoch"])
+    prior = run_folder.load_prior(workdir) if isinstance(preset.prior, FittedPrior) else None
+    return SamplingRun(config.dataset, config.model, statics, params, prior, stage_params, epochs)
+
+
+def _builtin_stage(dataset: str, name: str, kind: type) -> Any:
+    """Return the stage of ``kind`` of the built-in preset ``name`` (None for a preset of the caller's own)."""
+    try:
+        return get_sampler_preset(dataset, name).stage(kind)
+    except ValueError:
+        return None
+
+
+def check_preset(run: SamplingRun, preset: SamplerPreset) -> None:
+    """Raise ValueError when ``run`` cannot sample ``preset`` (before any work)."""
+    build_schedule(preset.chain, run.model, run.statics.score_norm)
+    if preset.stage(RelaxConfig) is not None and run.dataset not in CARBON_DATASETS:
+        raise ValueError(f"the Tersoff relaxation knows carbon only, not {run.dataset}; sample without it (--no-relax)")
+    if isinstance(preset.prior, FittedPrior) and run.prior is None:
+        raise ValueError("the preset samples the fitted prior but the run has none (`symat fit-prior`)")
+
+
+def sample(run: SamplingRun | str | os.PathLike, preset: SamplerPreset | str, num: int, seed: int = 0, *,
+           batch_size: int = 256, bucket_multiple: int = 4, progress: bool = True) -> Samples:
+    """Return ``num`` crystals of ``preset`` (a preset or a built-in's name) from ``run`` (loaded, or its folder).
+
+    Decodes the request in batches of ``batch_size``, lists the crystals that
+    cannot be sampled as rejects (never dropped silently), then runs the
+    preset's stages in order. The same seed gives the same crystals.
+    """
+    if not isinstance(run, SamplingRun):
+        from symat_jax import run as run_folder
+
+        dataset = run_folder.read_config(run).dataset
+        preset = get_sampler_preset(dataset, preset) if isinstance(preset, str) else preset
+        run = load_sampling_run(run, preset)
+    elif isinstance(preset, str):
+        preset = get_sampler_preset(run.dataset, preset)
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num and batch_size must be at least 1, got {num}, {batch_size}")
+    check_preset(run, preset)
+    t0 = time.perf_counter()
+    key = jax.random.PRNGKey(seed)
+    dec = decode_batches(run.params, key, num, model=run.model, prior_cfg=preset.prior, decode=preset.decode,
+                         statics=run.statics, batch_size=batch_size, prior=run.prior)
+    n = np.array([len(t) for t in dec.atom_types], np.int64)
+    types = np.concatenate(dec.atom_types) if dec.atom_types else np.zeros(0, np.int64)
+    crystals = CrystalSet(n, types, np.zeros((int(n.sum()), 3), np.float32), dec.lengths, dec.angles, len(dec.rejects))
+    samples = Samples(crystals, dec.index, dec.z_pos, np.zeros(len(n), bool), dec.rejects)
+    samples = samples.recorded("decode", {"num_requested": num, "num_rejected": len(dec.rejects),
+                                          "seconds": time.perf_counter() - t0})
+    ctx = Context(run.model, run.statics, run.params, key, seed, batch_size, bucket_multiple, progress,
+                  run.stage_params)
+    for stage in build_stages(preset.stages):
+        samples = stage(samples, ctx)
+    return samples
