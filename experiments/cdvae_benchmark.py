@@ -17,6 +17,7 @@ valid ones for the property statistics; the table states the counts used.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="sampling batch")
     p.add_argument("--langevin-steps", type=int, default=None, help="steps per noise level (default: the sampler preset's)")
     p.add_argument("--sampler-preset", default="default", choices=("paper", "default"),
-                   help="sampler preset (symat_jax.configs.get_sampler_config)")
+                   help="sampler preset (symat_jax.configs.get_sampler_preset)")
     p.add_argument("--model-workdir", default=None)
     p.add_argument("--property-workdir", default=None)
     p.add_argument("--samples-dir", default=None)
@@ -113,8 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_property(pconfig, prop_dir, args.data_root, resume=(prop_dir / "property_config.json").exists())
         if not (samples_dir / "samples.npz").exists():
             log.info("stage 3: %d samples into %s", args.num_samples, samples_dir)
-            run_sample(str(model_dir), args.num_samples, str(samples_dir), preset=args.sampler_preset,
-                       batch_size=args.batch_size, steps_per_level=args.langevin_steps)
+            preset = configs.get_sampler_preset(args.dataset, args.sampler_preset)
+            if args.langevin_steps:
+                preset = preset.replace_stage(dataclasses.replace(preset.chain, steps_per_level=args.langevin_steps))
+            run_sample(str(model_dir), args.num_samples, str(samples_dir), preset=preset, batch_size=args.batch_size)
         log.info("stage 4: evaluation")
         report = run_evaluate(str(samples_dir), args.dataset, str(root / "metrics.json"),
                               property_model=str(prop_dir), data_root=args.data_root)

@@ -4,7 +4,7 @@
 
 For each run (its `default` weights and fitted prior): ``--num`` latents
 drawn and decoded as ``symat sample`` does, then the `default` chain with
-``sampling.langevin(trace=True)`` (``--schedule LxS``: that many levels and steps
+``sampling.trace_chain`` (``--schedule LxS``: that many levels and steps
 instead, without the band). After each level of the schedule it
 reports, for the chain's state:
 
@@ -27,6 +27,7 @@ the longer-trained score's chain goes a different way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -56,28 +57,29 @@ def _stats(types: np.ndarray, mask: np.ndarray, lengths: np.ndarray, angles: np.
 
 def trace_run(workdir: str, data_root: str | None, num: int, max_atoms: int, seed: int,
               **overrides: Any) -> dict[str, Any]:
-    """Return the per-level trace of one run's `default` chain (``overrides``: sampler fields) beside perturbed test crystals."""
+    """Return the per-level trace of one run's `default` chain (``overrides``: ChainConfig fields) beside perturbed test crystals."""
     test = common.load_test_crystals(workdir, data_root, num, max_atoms)
     config, statics, params, meta = test.loaded
     m = config.model
-    cfg = configs.get_sampler_config(config.dataset, "default", **overrides)
+    preset = configs.get_sampler_preset(config.dataset, "default")
+    schedule = sampling.build_schedule(dataclasses.replace(preset.chain, **overrides), m, statics.score_norm)
     prior = run.load_prior(workdir)
     key = jax.random.PRNGKey(seed)
     kz, kd, kx, kn, ka = jax.random.split(key, 5)
 
     t0 = time.perf_counter()
-    z = sampling.sample_latents(kz, num, m, cfg, prior)
-    dec = sampling.decode_crystals(params, z, kd, model=m, cfg=cfg, statics=statics)
+    z = sampling.sample_latents(kz, num, m, preset.prior, prior)
+    dec = sampling.decode_crystals(params, z, kd, model=m, decode=preset.decode, statics=statics)
     mask = dec.atom_types > 0
     lattice = geometry.lattice_matrix(dec.lengths, dec.angles)
-    frac, _, states = jax.jit(lambda p, k: sampling.langevin(p, k, dec.atom_types, mask, lattice, z.z_pos,
-                                                             statics=statics, model=m, cfg=cfg, trace=True))(params, kx)
+    images = tuple(statics.max_images)
+    frac, _, states = jax.jit(lambda p, k: sampling.trace_chain(p, k, dec.atom_types, mask, lattice, z.z_pos,
+                                                                schedule=schedule, model=m, max_images=images))(params, kx)
     frac, states = np.asarray(frac), np.asarray(states)  # waits for the chain: the time below is its own
     seconds = time.perf_counter() - t0
     gen = [np.asarray(a) for a in (dec.atom_types, mask, dec.lengths, dec.angles)]
 
-    levels, _ = sampling.level_schedule(m, cfg, statics.score_norm)
-    steps = sampling.level_steps(m, cfg, levels)
+    levels, steps = schedule.levels, schedule.steps
     sigmas = score.noise_levels(m.num_levels, m.sigma_min, m.sigma_max)
     dense = input_pipeline.dense_batch(test.test, np.arange(len(test.test)), max_atoms)
     data = [np.asarray(a) for a in (test.types, test.mask, dense["lengths"], dense["angles"])]

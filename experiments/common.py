@@ -54,7 +54,8 @@ class TestCrystals(NamedTuple):
 
 def load_test_crystals(workdir: str, data_root: str | None, num: int, max_atoms: int) -> TestCrystals:
     """Return the run's `default` weights and its first ``num`` test crystals with at most ``max_atoms`` atoms."""
-    loaded = run.load_run(workdir, configs.sampler_checkpoint("default"), configs.sampler_weights("default"))
+    default = configs.get_sampler_preset(run.read_config(workdir).dataset, "default")
+    loaded = run.load_run(workdir, default.checkpoint, default.weights)
     config, statics, params, _ = loaded
     m = config.model
     test = load_split(config.dataset, "test", data_root, progress=False)

@@ -20,6 +20,7 @@ only, which the chain does not change).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import collections
 import sys
 from typing import Any, Sequence
@@ -44,10 +45,10 @@ def probe(loaded: run.LoadedRun, prior: Any, num: int, temperature: float, fit_c
     """Return rejects, composition validity (%), distinct compositions, and (given ``known`` formulas / the test
     split's densities) the novel share (%) and the density EMD of ``num`` decoded latents."""
     config, statics, params, _ = loaded
-    cfg = configs.get_sampler_config(config.dataset, "default", prior_temperature=temperature, fit_counts=fit_counts)
-    z = sampling.sample_latents(jax.random.PRNGKey(seed), num, config.model, cfg, prior)
-    dec = sampling.decode_crystals(params, z, jax.random.PRNGKey(seed + 1), model=config.model, cfg=cfg,
-                                   statics=statics)
+    default = configs.get_sampler_preset(config.dataset, "default")
+    z = sampling.sample_latents(jax.random.PRNGKey(seed), num, config.model, configs.FittedPrior(temperature), prior)
+    dec = sampling.decode_crystals(params, z, jax.random.PRNGKey(seed + 1), model=config.model,
+                                   decode=dataclasses.replace(default.decode, fit_counts=fit_counts), statics=statics)
     types, counts = np.asarray(dec.atom_types), np.asarray(dec.num_atoms)
     written = counts <= config.model.max_atoms
     kept = [t[t > 0].tolist() for t, ok in zip(types, written) if ok]
@@ -75,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None, help="also report novel compositions (not in the training split) and the density EMD against the test split")
     args = p.parse_args(argv)
-    loaded = run.load_run(args.workdir, configs.sampler_checkpoint("default"), configs.sampler_weights("default"))
+    default = configs.get_sampler_preset(run.read_config(args.workdir).dataset, "default")
+    loaded = run.load_run(args.workdir, default.checkpoint, default.weights)
     prior = run.load_prior(args.workdir)
     known = test_densities = None
     if args.data_root is not None:

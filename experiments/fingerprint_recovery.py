@@ -1,6 +1,6 @@
 """Fingerprint recovery: how close to a real crystal can the chain end? Perturb test crystals, run the chain down, compare.
 
-``python -m experiments.fingerprint_recovery --workdir RUN --data-root D [--levels 12 20] [--variants default quench_steps=100 band=none]``
+``python -m experiments.fingerprint_recovery --workdir RUN --data-root D [--levels 12 20] [--variants default final_denoise=none band=none]``
 
 COV-P counts a generated crystal only when its CrystalNN structure
 fingerprint lies within 0.2 of a test crystal's, which on Carbon-24 needs
@@ -19,6 +19,7 @@ session 8). Writes JSON lines to ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -32,23 +33,24 @@ import numpy as np
 from experiments import common
 from symat_jax import configs, geometry, metrics, sampling, score
 from symat_jax.crystals import CrystalSet
+from symat_jax.sampling.schedule import spread_levels
 
 Array = jax.Array
 
 
 def override(text: str) -> dict[str, Any]:
-    """Return the sampler overrides of ``default`` or ``KEY=VALUE[,KEY=VALUE]`` (``none`` for an empty band) (argparse type)."""
+    """Return the chain overrides of ``default`` or ``KEY=VALUE[,KEY=VALUE]`` of ChainConfig (``none``: None) (argparse type)."""
     if text == "default":
         return {}
     out: dict[str, Any] = {}
     for item in re.split(r",(?![^\[]*\])", text):  # commas inside [..] belong to a list value
         key, _, value = item.partition("=")
         try:
-            if key not in configs.SamplerConfig.__dataclass_fields__ or not value:
+            if key not in configs.ChainConfig.__dataclass_fields__ or not value:
                 raise ValueError(item)
             parsed = None if value == "none" else json.loads(value.lower() if value in ("True", "False") else value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"a variant is default or KEY=VALUE of SamplerConfig, got {item!r}") from None
+            raise argparse.ArgumentTypeError(f"a variant is default or KEY=VALUE of ChainConfig, got {item!r}") from None
         out[key] = tuple(parsed) if isinstance(parsed, list) else parsed
     return out
 
@@ -121,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def as_set(frac: Array) -> CrystalSet:
         return common.dense_crystal_set(types, mask, test.lengths, test.angles, frac)
 
-    default = configs.get_sampler_config(config.dataset, "default")
+    default = configs.get_sampler_preset(config.dataset, "default").chain
     spacing = (m.num_levels - 1) / max(default.num_levels - 1, 1)  # the preset's levels are this far apart
     for level in args.levels:
         key = jax.random.fold_in(jax.random.PRNGKey(args.seed), level)
@@ -129,11 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = jax.vmap(geometry.wrap_frac)(geometry.cart_to_frac(noisy, lattice), mask)
         d0 = fingerprint_distances(as_set(start), reference)
         for variant in args.variants:
-            cfg = configs.get_sampler_config(config.dataset, "default", top_level=level,
-                                             num_levels=int(round(level / spacing)) + 1, **variant)
+            # The preset's level spacing, from the start level down: the study's own schedule.
+            levels = spread_levels(int(round(level / spacing)) + 1, level)
+            plan = sampling.build_schedule(dataclasses.replace(default, **variant), m, statics.score_norm, levels=levels)
             t0 = time.perf_counter()
-            frac, _ = jax.jit(lambda k, x0: sampling.langevin(params, k, types, mask, lattice, z_pos, statics=statics,
-                                                              model=m, cfg=cfg, max_images=images, x0=x0))(
+            frac, _ = jax.jit(lambda k, x0: sampling.run_chain(params, k, types, mask, lattice, z_pos, x0, schedule=plan,
+                                                               model=m, max_images=images))(
                 jax.random.fold_in(key, 1), noisy)
             d1 = fingerprint_distances(as_set(frac), reference)
             row = {"start_level": level, "sigma": float(sigmas[level]), "variant": variant or "default", "z_pos": args.z_pos,

@@ -15,6 +15,7 @@ mean distance still to go. Writes ``recovery.json`` in ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
@@ -29,7 +30,6 @@ import numpy as np
 from experiments import common
 from symat_jax import configs, geometry, input_pipeline, latents, run, sampling, score
 from symat_jax.coordination import local_structure
-from symat_jax.crystals import CrystalSet
 from symat_jax.data import load_split
 from symat_jax.model import coordinate_scores
 
@@ -61,8 +61,7 @@ def score_accuracy(params: Any, config: configs.TrainConfig, statics: run.RunSta
         return rel, to_go, step
 
     out = []
-    cfg = configs.get_sampler_config(config.dataset, "paper")
-    alphas = cfg.step_size * (sigmas / sigmas[0]) ** 2
+    alphas = configs.ChainConfig().step_scale * (sigmas / sigmas[0]) ** 2  # the paper's step at every level
     for level, sigma in enumerate(sigmas):
         rel, to_go, step = one(jnp.float32(sigma), jnp.float32(statics.score_norm[level]), jnp.float32(alphas[level]),
                                jax.random.fold_in(key, level))
@@ -126,15 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants += [("langevin", v, f"langevin f={v:g}") for v in args.langevin_fractions]
         for schedule, value, name in variants:
             for scale in args.denoise_scales:
-                step = {"step_size": value} if schedule == "paper" else {"step_fraction": value}
+                step = {"step_scale": value}
                 if schedule == "langevin":
                     schedule, step = "norm", {**step, "noise_schedule": "sigma", "temp_coord": 1.0}
-                cfg = configs.get_sampler_config(config.dataset, "paper", top_level=level, num_levels=level + 1,
-                                                 steps_per_level=args.steps, step_schedule=schedule, **step,
-                                                 final_denoise=scale > 0, denoise_scale=scale or 1.0)
+                chain = dataclasses.replace(configs.get_sampler_preset(config.dataset, "paper").chain,
+                                            steps_per_level=args.steps, step_schedule=schedule, **step,
+                                            final_denoise=scale or None)
+                # Every trained level from the start level down: the study's own schedule.
+                plan = sampling.build_schedule(chain, config.model, statics.score_norm, levels=range(level, -1, -1))
                 t0 = time.perf_counter()
-                frac, _ = jax.jit(lambda k, x0: sampling.langevin(params, k, types, mask, lattice, jnp.asarray(z_pos),
-                                                                  statics=statics, model=config.model, cfg=cfg, x0=x0))(
+                frac, _ = jax.jit(lambda k, x0: sampling.run_chain(params, k, types, mask, lattice, jnp.asarray(z_pos), x0,
+                                                                   schedule=plan, model=config.model,
+                                                                   max_images=tuple(statics.max_images)))(
                     jax.random.fold_in(key, 200 + level), noisy)
                 stats = local_structure(common.dense_crystal_set(dense["atomic_numbers"], dense["atom_mask"], dense["lengths"],
                                                   dense["angles"], np.asarray(frac)))

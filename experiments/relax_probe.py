@@ -25,15 +25,16 @@ import numpy as np
 
 from experiments.fingerprint_recovery import distance_summary, fingerprint_distances
 from symat_jax import metrics, relax
-from symat_jax.crystals import CrystalSet
+from symat_jax.configs import RelaxConfig
+from symat_jax.sampling import relax_crystals
 from symat_jax.data.dataset import load_split
 
 
-def cell_mode(text: str) -> relax.RelaxConfig:
+def cell_mode(text: str) -> RelaxConfig:
     """Return the relaxation ``fixed``, ``free`` or ``free:GPA`` names (argparse type)."""
     cell, _, pressure = text.partition(":")
     try:
-        return relax.RelaxConfig(cell=cell, pressure=float(pressure or 0.0))
+        return RelaxConfig(cell=cell, pressure=float(pressure or 0.0))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
@@ -56,15 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         d0 = fingerprint_distances(start, reference)
         for cfg in args.cells:
             t0 = time.perf_counter()
-            out = relax.relax_crystals(start, cfg, progress=False)
+            out = relax_crystals(start, cfg, progress=False)
             seconds = time.perf_counter() - t0
             d1 = fingerprint_distances(out.crystals, reference)
+            rec = out.arrays["relax"]
             row = {"sigma": sigma, "cell": cfg.cell, "pressure_gpa": cfg.pressure, "crystals": len(test),
                    **distance_summary(d0, d1),
                    "density_ratio_median": float(np.median(out.crystals.densities() / test.densities())),
-                   "kept": float(out.kept.mean()), "converged": float(out.converged.mean()),
-                   "median_steps": float(np.median(out.steps)),
-                   "energy_per_atom_median": float(np.nanmedian(out.energy_per_atom)), "seconds": round(seconds, 1)}
+                   "kept": float(rec["kept"].mean()), "converged": float(rec["converged"].mean()),
+                   "median_steps": float(np.median(rec["steps"])),
+                   "energy_per_atom_median": float(np.nanmedian(rec["energy_per_atom"])), "seconds": round(seconds, 1)}
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return 0
 

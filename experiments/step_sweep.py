@@ -1,6 +1,6 @@
 """Sweep the `default` chain's step fraction and length on a trained run, judged by local structure (no CDVAE scoring).
 
-``python -m experiments.step_sweep --workdir RUN --num 256 --fractions 0.05 0.02 --schedules 25x10 50x10 [--bands none 0.1:1:100] [--restarts none 2:0.3] [--weights raw ema]``
+``python -m experiments.step_sweep --workdir RUN --num 256 --fractions 0.05 0.02 --schedules 25x10 50x10 [--bands none 0.1:1:100] [--weights raw ema]``
 
 Each setting samples the same latents (same seed) and prints the share of
 atoms with 3 or 4 neighbours within 1.8 A, of isolated atoms, and the
@@ -12,16 +12,14 @@ A fast probe for choosing the sampler: the full table is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import time
 from typing import Any, Sequence
 
-import jax
-
 from experiments import common
 from symat_jax import configs, run, sampling
 from symat_jax.coordination import local_structure
-from symat_jax.crystals import CrystalSet
 from symat_jax.prior import MixturePrior
 
 
@@ -45,37 +43,21 @@ def band(text: str) -> tuple[float, float, int] | None:
         raise argparse.ArgumentTypeError(f"a band is LOW:HIGH:STEPS (sigma in A), e.g. 0.1:1:100, or none; got {text!r}") from None
 
 
-# No restart, at the sampler's own restart_sigma.
-NO_RESTART = (0, configs.SamplerConfig.restart_sigma)
-
-
-def restart(text: str) -> tuple[int, float]:
-    """Return ``(restarts, sigma)`` of ``COUNT:SIGMA``, or :data:`NO_RESTART` for ``none`` (argparse type)."""
-    if text.lower() == "none":
-        return NO_RESTART
-    try:
-        count, sigma = text.split(":")
-        return int(count), float(sigma)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a restart is COUNT:SIGMA (sigma in A), e.g. 2:0.3, or none; got {text!r}") from None
-
-
 def probe(loaded: run.LoadedRun, prior: MixturePrior, fraction: float, levels: int, steps: int, num: int, seed: int,
-          batch_size: int, level_band: tuple[float, float, int] | None = None,
-          restarts: tuple[int, float] = NO_RESTART) -> dict[str, Any]:
-    """Return the local structure of ``num`` crystals sampled with the `default` preset at one setting."""
+          batch_size: int, level_band: tuple[float, float, int] | None = None) -> dict[str, Any]:
+    """Return the local structure of ``num`` crystals of the `default` preset's chain and retry (one network) at one setting."""
     config, statics, params, meta = loaded
-    extra = dict(band=None) if level_band is None else dict(band=level_band[:2], band_steps=level_band[2])
-    extra.update(restarts=restarts[0], restart_sigma=restarts[1])
-    cfg = configs.get_sampler_config(config.dataset, "default", step_fraction=fraction, num_levels=levels,
-                                     steps_per_level=steps, **extra)
+    default = configs.get_sampler_preset(config.dataset, "default").without(configs.RelaxConfig)
+    chain = dataclasses.replace(default.chain, step_scale=fraction, num_levels=levels, steps_per_level=steps,
+                                band=level_band)
+    preset = default.replace_stage(chain)
     t0 = time.perf_counter()
-    result = sampling.sample(params, jax.random.PRNGKey(seed), num, statics=statics, model=config.model, cfg=cfg,
-                             batch_size=batch_size, prior=prior, progress=False)
-    local = local_structure(CrystalSet(**{k: v for k, v in result.to_cdvae().items() if k != "sample_index"}))
+    result = sampling.sample(sampling.SamplingRun(config.dataset, config.model, statics, params, prior), preset, num,
+                             seed, batch_size=batch_size, progress=False)
+    local = local_structure(result.crystals)
     return {"weights": meta["weights"], "epoch": int(meta["epoch"]) + 1, "step_fraction": fraction,
-            "schedule": f"{levels}x{steps}", "band": level_band, "restarts": list(restarts), "num": num, "seconds": round(time.perf_counter() - t0, 1),
-            **{k: v for k, v in local.items() if k != "nn_distances"}}
+            "schedule": f"{levels}x{steps}", "band": level_band, "num": num,
+            "seconds": round(time.perf_counter() - t0, 1), **{k: v for k, v in local.items() if k != "nn_distances"}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,8 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bands", type=band, nargs="+", default=[None],
                    help="LOW:HIGH:STEPS: levels with sigma in [LOW, HIGH] A run STEPS steps; none (default): every level runs "
                         "the schedule's steps (the `default` preset's band is 0.03:0.1:1000)")
-    p.add_argument("--restarts", type=restart, nargs="+", default=[NO_RESTART],
-                   help="COUNT:SIGMA: after the chain, noise back to SIGMA A and anneal again, COUNT times; none (default)")
     p.add_argument("--weights", nargs="+", choices=("raw", "ema"), default=["ema"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -97,12 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     prior = run.load_prior(args.workdir)
     for weights in args.weights:
-        loaded = run.load_run(args.workdir, configs.sampler_checkpoint("default"), weights)
+        default = configs.get_sampler_preset(run.read_config(args.workdir).dataset, "default")
+        loaded = run.load_run(args.workdir, default.checkpoint, weights)
         for levels, steps in args.schedules:
-            for fraction, level_band, rs in itertools.product(args.fractions, args.bands, args.restarts):
-                row = probe(loaded, prior, fraction, levels, steps, args.num, args.seed, args.batch_size, level_band, rs)
+            for fraction, level_band in itertools.product(args.fractions, args.bands):
+                row = probe(loaded, prior, fraction, levels, steps, args.num, args.seed, args.batch_size, level_band)
                 q = row["nn_distance_quantiles"]
-                print(f"{weights} {row['schedule']} f={fraction} band={level_band} restarts={rs}: 3-4-fold {100 * row['share_3_or_4']:.1f}%, "
+                print(f"{weights} {row['schedule']} f={fraction} band={level_band}: 3-4-fold {100 * row['share_3_or_4']:.1f}%, "
                       f"isolated {100 * row['share_isolated']:.1f}%, nearest neighbour 5/50/95% "
                       f"{q[0]:.2f}/{q[2]:.2f}/{q[4]:.2f} A ({row['seconds']} s)", flush=True)
                 common.append_jsonl(args.out, row)

@@ -3,7 +3,7 @@
 ``python -m experiments.two_score_chain --workdir RUN --low 40 [--high latest] [--switch 0.1] [--num 256] --out DIR``
 
 The decoders, the prior and the latents are the ``--high`` checkpoint's
-(``sampling.decode_samples``, the ``default`` preset without its retry); the
+(``sampling.decode_batches``, the ``default`` preset's prior and decoding); the
 chain runs ``--high``'s score network down to the last level above
 ``--switch`` (A), then continues from that state with ``--low``'s on the
 remaining levels (band, final step). Writes ``DIR/samples.npz`` (CDVAE
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from symat_jax import configs, geometry, input_pipeline, run, sampling, score
+from symat_jax import configs, geometry, input_pipeline, run, sampling
 from symat_jax.coordination import local_structure
 
 from experiments.common import dense_crystal_set
@@ -47,17 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     low = run.load_run(args.workdir, args.high, "ema", score_checkpoint=args.low)
     config, statics, params, meta = high
     model = config.model
-    cfg = configs.get_sampler_config(config.dataset, "default", retry_coordination=())
-    prior = run.load_prior(args.workdir) if cfg.prior == "fitted" else None
-    levels, _ = sampling.level_schedule(model, cfg, statics.score_norm)
-    sigmas = score.noise_levels(model.num_levels, model.sigma_min, model.sigma_max)[levels]
+    preset = configs.get_sampler_preset(config.dataset, "default")
+    prior = run.load_prior(args.workdir) if isinstance(preset.prior, configs.FittedPrior) else None
+    schedule = sampling.build_schedule(preset.chain, model, statics.score_norm)
+    sigmas = np.asarray(schedule.sigmas)
     k = int(np.argmax(sigmas <= args.switch))
-    if not 0 < k < len(levels) or sigmas[k] > args.switch:
+    if not 0 < k < len(schedule) or sigmas[k] > args.switch:
         raise ValueError(f"--switch {args.switch} leaves no level on one side (levels' sigma {sigmas[0]:.3g}-{sigmas[-1]:.3g} A)")
     t0 = time.perf_counter()
     key = jax.random.PRNGKey(args.seed)
-    dec = sampling.decode_samples(params, key, args.num, statics=statics, model=model, cfg=cfg, batch_size=args.num,
-                                  prior=prior)
+    dec = sampling.decode_batches(params, key, args.num, model=model, prior_cfg=preset.prior, decode=preset.decode,
+                                  statics=statics, batch_size=args.num, prior=prior)
     atoms = np.concatenate(dec.atom_types)
     types, _, mask = input_pipeline.pad_atoms([len(t) for t in dec.atom_types], atoms, np.zeros((len(atoms), 3)),
                                               model.max_atoms)
@@ -65,13 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     lattice = jax.vmap(geometry.lattice_matrix)(jnp.asarray(dec.lengths), jnp.asarray(dec.angles))
     kx, ky = jax.random.split(jax.random.fold_in(key, 2))
     # Above the switch: the levels above it at their own step counts (they lie above the band), traced.
-    upper = dataclasses.replace(cfg, band=None, final_denoise=False)
-    _, _, states = jax.jit(lambda prm: sampling.langevin(prm, kx, types, mask, lattice, z_pos, statics=statics,
-                                                         model=model, cfg=upper, trace=True))(params)
-    lower = dataclasses.replace(cfg, top_level=int(levels[k]), num_levels=len(levels) - k)
-    assert list(sampling.level_schedule(model, lower, statics.score_norm)[0]) == list(levels[k:])
-    frac, _ = jax.jit(lambda prm, x0: sampling.langevin(prm, ky, types, mask, lattice, z_pos, statics=statics,
-                                                        model=model, cfg=lower, x0=x0))(
+    upper = sampling.build_schedule(dataclasses.replace(preset.chain, band=None, final_denoise=None), model,
+                                    statics.score_norm)
+    images = tuple(statics.max_images)
+    _, _, states = jax.jit(lambda prm: sampling.trace_chain(prm, kx, types, mask, lattice, z_pos, schedule=upper,
+                                                            model=model, max_images=images))(params)
+    lower = schedule.tail(k)
+    frac, _ = jax.jit(lambda prm, x0: sampling.run_chain(prm, ky, types, mask, lattice, z_pos, x0, schedule=lower,
+                                                         model=model, max_images=images))(
         low.params, geometry.frac_to_cart(states[k - 1], lattice))
     seconds = time.perf_counter() - t0
     cs = dense_crystal_set(types, mask, dec.lengths, dec.angles, np.asarray(frac))

@@ -60,17 +60,6 @@ def rattle(crystals: CrystalSet, sigma: float, rng: np.random.Generator) -> Crys
                       crystals.num_rejected)
 
 
-def rattle(crystals: CrystalSet, sigma: float, rng: np.random.Generator) -> CrystalSet:
-    """Return ``crystals`` with every atom moved by isotropic Gaussian noise of ``sigma`` A (cells unchanged)."""
-    frac = crystals.frac_coords.copy()
-    for i in range(len(crystals)):
-        a, b = crystals.offsets[i], crystals.offsets[i + 1]
-        lat = geometry.lattice_matrix_np(crystals.lengths[i], crystals.angles[i])
-        frac[a:b] = ((frac[a:b] @ lat + rng.normal(0.0, sigma, (b - a, 3))) @ np.linalg.inv(lat)) % 1.0
-    return CrystalSet(crystals.num_atoms, crystals.atom_types, frac, crystals.lengths, crystals.angles,
-                      crystals.num_rejected)
-
-
 def carbon_rows(crystals: CrystalSet, strict: bool = True) -> np.ndarray:
     """Return ``[c]`` whether each crystal holds carbon only (others are left unrelaxed, with a warning).
 

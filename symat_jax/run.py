@@ -16,7 +16,6 @@ another's module to get at it. A run folder holds:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os

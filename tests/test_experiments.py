@@ -155,7 +155,6 @@ def test_the_exact_score_target_brings_perturbed_test_crystals_back(full_run, da
 def test_quality_study_scores_the_data_ceiling_beside_the_variants(data_root, tmp_path, monkeypatch, capsys):
     from experiments import quality_study
     from symat_jax import cli
-    from symat_jax.crystals import CrystalSet
     from symat_jax.data import load_split
 
     monkeypatch.setenv("SYMAT_CACHE_DIR", str(tmp_path / "cache"))

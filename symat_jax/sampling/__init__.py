@@ -16,11 +16,11 @@ from symat_jax.sampling.chain import denoise, initial_positions, langevin_step, 
 from symat_jax.sampling.decode import Decoded, Latents, decode_batches, decode_crystals, sample_latents
 from symat_jax.sampling.driver import bucket_sizes, run_chains
 from symat_jax.sampling.generate import Generated, generate
-from symat_jax.sampling.pipeline import SamplingRun, load_sampling_run, sample
+from symat_jax.sampling.pipeline import SamplingRun, check_preset, context, decode, load_sampling_run, sample
 from symat_jax.sampling.schedule import Schedule, build_schedule
 from symat_jax.sampling.stages import Chain, Context, Hop, Relax, Retry, Samples, build_stages, relax_crystals
 
 __all__ = ["Chain", "Context", "Decoded", "Generated", "Hop", "Latents", "Relax", "Retry", "Samples", "SamplingRun",
-           "Schedule", "bucket_sizes", "build_schedule", "build_stages", "decode_batches", "decode_crystals", "denoise",
+           "Schedule", "bucket_sizes", "build_schedule", "build_stages", "check_preset", "context", "decode", "decode_batches", "decode_crystals", "denoise",
            "generate", "initial_positions", "langevin_step", "load_sampling_run", "relax_crystals", "run_chain",
            "run_chains", "sample", "sample_latents", "trace_chain"]
