@@ -261,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from symat_jax.generate_cli import run_sample
             from symat_jax.run import read_config
 
+            # The flags are checked (on the preset with every stage) before the run is read or any work starts.
+            apply_stage_args(get_sampler_preset("carbon_24", args.preset), args)
             preset = get_sampler_preset(read_config(args.workdir).dataset, args.preset)
             preset = dataclasses.replace(preset, checkpoint=args.checkpoint or preset.checkpoint,
                                 weights=args.weights or preset.weights)
@@ -272,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from symat_jax.relax_cli import relax_samples
 
             cfgs = stage_configs(args, ("relax", "hop"), optional=("hop",))
+            if cfgs["relax"] is None:  # --no-relax: there is nothing else this command does
+                raise ValueError("symat relax relaxes: drop --no-relax")
             print(json.dumps(relax_samples(args.samples, args.out, cfgs["relax"], cfgs["hop"],
                                            batch_size=args.batch_size, overwrite=args.overwrite, seed=args.seed),
                              indent=1))

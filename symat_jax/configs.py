@@ -17,8 +17,15 @@ import json
 import math
 from typing import Any
 
-from symat_jax.data import registry
 from symat_jax.networks import SphereNetConfig
+
+def _dataset_info(dataset: str) -> Any:
+    """Return the registry's entry of ``dataset`` (ValueError for an unknown one)."""
+    # The dataset table belongs to the data layer: the model and the sampler import these configs without it.
+    from symat_jax.data import registry
+
+    return registry.get_info(dataset)
+
 
 PRESETS = ("paper", "quick")
 SAMPLER_PRESETS = ("paper", "default")
@@ -110,7 +117,7 @@ class TrainConfig:
     max_train: int | None = None  # use only the first N training crystals (quick runs)
     max_val: int | None = None
     # Decay of the exponential moving average of the parameters kept beside them (0: none). It does not change
-    # training; samplers choose raw or averaged weights (configs.sampler_weights). It spans about 1 / (1 - decay)
+    # training; sampler presets choose raw or averaged weights (SamplerPreset.weights). It spans about 1 / (1 - decay)
     # steps: at batch 256 Carbon-24 trains 7 steps per epoch, so 0.99 spans ~14 epochs (its paper preset now
     # trains 51 steps per epoch with 0.999: TRAINING_DEPARTURES).
     ema_decay: float = 0.99
@@ -169,7 +176,7 @@ TRAINING_DEPARTURES: dict[str, dict[str, Any]] = {
 
 def get_config(dataset: str, preset: str = "paper", **overrides: Any) -> TrainConfig:
     """Return the training config of ``dataset`` for a preset; ``overrides`` replace top-level fields."""
-    info = registry.get_info(dataset)
+    info = _dataset_info(dataset)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     model = ModelConfig(max_atoms=info.max_atoms, score_cutoff=info.score_cutoff, score_neighbors=info.max_neighbors)
@@ -471,7 +478,7 @@ SAMPLER_PRESET_BUILDERS = {"paper": _paper_preset, "default": _default_preset}
 
 def get_sampler_preset(dataset: str, preset: str = "paper") -> SamplerPreset:
     """Return the sampler preset ``preset`` (``paper``: SPEC 4; ``default``: the best measured) of ``dataset``."""
-    registry.get_info(dataset)
+    _dataset_info(dataset)
     if preset not in SAMPLER_PRESET_BUILDERS:
         raise ValueError(f"unknown sampler preset {preset!r}; known: {', '.join(SAMPLER_PRESET_BUILDERS)}")
     return SAMPLER_PRESET_BUILDERS[preset](dataset)
@@ -519,7 +526,7 @@ class PropertyConfig:
 
 def get_property_config(dataset: str, preset: str = "default", **overrides: Any) -> PropertyConfig:
     """Return the property-model config of ``dataset`` for a preset; ``overrides`` replace fields."""
-    info = registry.get_info(dataset)
+    info = _dataset_info(dataset)
     if preset not in PROPERTY_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PROPERTY_PRESETS)}")
     config = PropertyConfig(dataset=dataset, max_atoms=info.max_atoms)

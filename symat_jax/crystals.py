@@ -4,7 +4,7 @@ A :class:`CrystalSet` holds atoms and cells only, plus the count of crystals
 a sampler rejected. The training container,
 :class:`~symat_jax.data.dataset.CrystalDataset`, also carries ids, properties
 and encoder edges; both store atoms with the same ragged helpers
-(:mod:`symat_jax.data.ragged`), and :meth:`~symat_jax.data.dataset.CrystalDataset.crystal_set`
+(:mod:`symat_jax.ragged`), and :meth:`~symat_jax.data.dataset.CrystalDataset.crystal_set`
 converts. This floor imports no jax, pymatgen or CSV reader.
 """
 
@@ -18,8 +18,8 @@ import zipfile
 
 import numpy as np
 
-from symat_jax.data import ragged
-from symat_jax.data.ragged import pad_atoms
+from symat_jax import ragged
+from symat_jax.ragged import pad_atoms
 from symat_jax.files import read_json
 from symat_jax.geometry import volume_factor
 

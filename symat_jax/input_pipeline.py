@@ -18,7 +18,7 @@ import numpy as np
 
 from symat_jax.data.dataset import CrystalDataset
 from symat_jax.geometry import lattice_matrix_np
-from symat_jax.data.ragged import pad_atoms  # noqa: F401  (batching pads with it)
+from symat_jax.ragged import pad_atoms  # noqa: F401  (batching pads with it)
 from symat_jax.statics import LatticeStandardizer
 
 Batch = dict[str, Any]

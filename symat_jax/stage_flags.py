@@ -64,7 +64,9 @@ def _add_field(group: argparse._ArgumentGroup, prefix: str, field: dataclasses.F
     if dataclasses.is_dataclass(kind) or typing.get_origin(kind) is tuple:
         names = ([f.name.upper() for f in dataclasses.fields(kind)] if dataclasses.is_dataclass(kind)
                  else [f"V{i}" for i in range(len(typing.get_args(kind)))])
-        group.add_argument(flag, dest=dest, nargs="+", default=None, metavar=tuple(names) if not optional else "V",
+        # A field that may be None takes one word ('none') or all its values, so its count is checked later.
+        group.add_argument(flag, dest=dest, nargs="+" if optional else len(names), default=None,
+                           metavar="V" if optional else tuple(names),
                            help=f"{' '.join(names)}{none} (default: the preset's; built-in default {default})")
     else:
         group.add_argument(flag, dest=dest, default=None, metavar=kind.__name__.upper(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -46,23 +48,51 @@ def test_train_carbon_reports_missing_data(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num", "0"], "must be at least 1"),
     (["--num", "ten"], "not a whole number"),
     (["--batch-size", "0"], "must be at least 1"),
-    (["--decode-temperature", "0"], "above 0"),
-    (["--step-size", "nan"], "above 0"),
-    (["--levels", "-3"], "must be at least 1"),
-    (["--band", "0", "0.1"], "above 0"),
-    (["--band", "0.1"], "expected 2 arguments"),
-    (["--band-steps", "0"], "must be at least 1"),
-    (["--quench-steps", "-1"], "must be at least 0"),
+    (["--decode-sample-temperature", "0"], "sample_temperature must be None (argmax) or positive"),
+    (["--chain-step-scale", "nan"], "step_scale must be positive"),
+    (["--chain-num-levels", "-3"], "must be at least 1"),
+    (["--chain-num-levels", "three"], "--chain-num-levels: 'three' is not a int"),
+    (["--chain-band", "0", "0.1", "10"], "band must be 0 < low <= high"),
+    (["--chain-band", "0.1"], "--chain-band: takes 3 values"),
+    (["--retry-rule", "4", "3", "1.8"], "0 <= low <= high"),
+    (["--relax-cell", "npt"], "cell must be 'fixed' or 'free'"),
+    (["--hop-rounds", "0"], "rounds >= 1"),
+    (["--no-hop", "--hop-rounds", "2"], "--no-hop with --hop-rounds: choose one"),
+    (["--prior-temperature", "2", "--prior", "standard"], "a setting of the fitted prior"),
 ])
-def test_out_of_range_sampling_arguments_are_refused_by_the_parser(tmp_path, capsys, args, message):
+def test_out_of_range_sampling_arguments_are_refused_before_any_work(tmp_path, capsys, args, message):
     base = ["sample", "--workdir", str(tmp_path), "--num", "4", "--out", str(tmp_path / "out")]
-    with pytest.raises(SystemExit) as exc:
-        cli.main(base + args)
-    assert exc.value.code == 2 and message in capsys.readouterr().err
+    try:
+        code = cli.main(base + args)
+    except SystemExit as exc:  # argparse's own types
+        code = exc.code
+    assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_flags_change_exactly_their_stage():
+    from symat_jax import configs
+    from symat_jax.stage_flags import apply_stage_args
+
+    parser = cli.argparse.ArgumentParser()
+    cli.add_stage_args(parser)
+    default = configs.get_sampler_preset("carbon_24", "default")
+    same = apply_stage_args(default, parser.parse_args([]))
+    assert same == default
+    changed = apply_stage_args(default, parser.parse_args(
+        ["--chain-band", "none", "--chain-final-denoise", "none", "--no-retry", "--relax-guard", "3", "4", "1.8",
+         "--hop-rounds", "2", "--decode-fit-counts", "no", "--prior-temperature", "0.5"]))
+    assert changed.chain == dataclasses.replace(default.chain, band=None, final_denoise=None)
+    assert changed.stage(configs.RetryConfig) is None
+    assert changed.stage(configs.RelaxConfig).guard == configs.CoordinationRule(3, 4, 1.8)
+    assert changed.stage(configs.HopConfig).rounds == 2 and changed.prior == configs.FittedPrior(0.5)
+    assert changed.decode.fit_counts is False
+    paper = configs.get_sampler_preset("carbon_24", "paper")
+    added = apply_stage_args(paper, parser.parse_args(["--hop-rounds", "3", "--relax", "--retry-checkpoint", "40"]))
+    assert [type(s).__name__ for s in added.stages] == ["ChainConfig", "RetryConfig", "RelaxConfig", "HopConfig"]
+    assert apply_stage_args(paper, parser.parse_args(["--no-relax"])) == paper
 
 
 def test_errors_are_one_line_naming_the_problem_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
@@ -85,9 +115,9 @@ def test_too_many_levels_is_an_error_not_a_silent_cap():
     from symat_jax import configs, sampling
 
     model = configs.get_config("carbon_24").model
-    cfg = configs.get_sampler_config("carbon_24", "paper", num_levels=500)
+    chain = configs.ChainConfig(num_levels=500)
     with pytest.raises(ValueError, match="num_levels must be in 1..50"):
-        sampling.level_schedule(model, cfg, [1.0] * 50)
+        sampling.build_schedule(chain, model, [1.0] * 50)
 
 
 def test_evaluate_refuses_a_folder_as_its_report_file_before_any_work(tmp_path, monkeypatch):

@@ -62,9 +62,7 @@ def test_step_sweep_reports_local_structure_per_setting(full_run, tmp_path, caps
     assert capsys.readouterr().out.count("3-4-fold") == 2
     with pytest.raises(argparse.ArgumentTypeError, match="LEVELSxSTEPS"):
         step_sweep.schedule("25-10")
-    assert step_sweep.restart("2:0.3") == (2, 0.3) and step_sweep.restart("none") == (0, 0.3)
-    with pytest.raises(argparse.ArgumentTypeError, match="COUNT:SIGMA"):
-        step_sweep.restart("2")
+    assert step_sweep.band("0.1:1:100") == (0.1, 1.0, 100) and step_sweep.band("none") is None
 
 
 def test_chain_trace_reports_each_level_beside_the_perturbed_data(full_run, data_root, tmp_path, capsys):
@@ -84,16 +82,16 @@ def test_chain_trace_reports_each_level_beside_the_perturbed_data(full_run, data
     assert "final (after the denoising step)" in capsys.readouterr().out
 
 
-def test_fingerprint_recovery_variants_parse_into_sampler_overrides():
+def test_fingerprint_recovery_variants_parse_into_chain_overrides():
     import argparse
 
     from experiments.fingerprint_recovery import override
 
     assert override("default") == {}
-    assert override("band=none,quench_steps=100") == {"band": None, "quench_steps": 100}
-    assert override("band=[0.01,0.1],final_denoise=False") == {"band": (0.01, 0.1), "final_denoise": False}
+    assert override("band=none,steps_per_level=100") == {"band": None, "steps_per_level": 100}
+    assert override("band=[0.01,0.1,30],final_denoise=0.5") == {"band": (0.01, 0.1, 30), "final_denoise": 0.5}
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
-        override("no_such_field=1")
+        override("quench_steps=100")  # a knob no stage has
 
 
 def test_composition_probe_counts_rejects_and_fitted_counts_remove_them(full_run, capsys, monkeypatch):
@@ -101,7 +99,8 @@ def test_composition_probe_counts_rejects_and_fitted_counts_remove_them(full_run
     from symat_jax import configs, run
 
     workdir, _ = full_run
-    loaded = run.load_run(workdir, configs.sampler_checkpoint("default"), configs.sampler_weights("default"))
+    default = configs.get_sampler_preset("carbon_24", "default")
+    loaded = run.load_run(workdir, default.checkpoint, default.weights)
     prior = run.load_prior(workdir)
     off = composition_probe.probe(loaded, prior, 32, 1.0, fit_counts=False)
     on = composition_probe.probe(loaded, prior, 32, 1.0, fit_counts=True)
@@ -199,17 +198,20 @@ def test_a_retry_variant_reuses_the_first_chain_of_its_base_variant(full_run, tm
     from symat_jax.crystals import CrystalSet
 
     workdir, _ = full_run
+    from symat_jax.configs import CoordinationRule, RetryConfig
+
     short = dict(num_levels=2, steps_per_level=2, band=None)
-    monkeypatch.setitem(quality_sample.VARIANTS, "default_noretry", ("default", "latest", dict(short, retry_coordination=())))
+    monkeypatch.setitem(quality_sample.VARIANTS, "default_noretry", ("default", "latest", dict(short, retry=None)))
     # No atom has 30 neighbours within 1.8 A: every crystal is retried, and no second chain does better, so
     # every crystal keeps its first chain: the base variant's.
     monkeypatch.setitem(quality_sample.VARIANTS, "default_unrelaxed", (
-        "default", "latest", dict(short, retry_coordination=(30, 40), retry_checkpoint="2")))
+        "default", "latest", dict(short, retry=RetryConfig(CoordinationRule(30, 40, 1.8), checkpoint="2"))))
     args = ["--workdir", str(workdir), "--root", str(tmp_path), "--num", "6", "--batch-size", "6"]
     assert quality_sample.main(args + ["--variants", "default_noretry", "default_unrelaxed"]) == 0
     summary = json.loads((tmp_path / "default_unrelaxed" / "summary.json").read_text())
     assert summary["first_pass_from"] == str(tmp_path / "default_noretry")
-    assert (summary["retry"]["retried"], summary["retry"]["replaced"], summary["retry"]["score_epoch"]) == (6, 0, 2)
+    retry = summary["stages"]["retry"]
+    assert (retry["retried"], retry["replaced"], summary["retry_epoch"]) == (6, 0, 2)
     base_seconds = json.loads((tmp_path / "default_noretry" / "summary.json").read_text())["run_seconds"]
     assert summary["run_seconds"] > base_seconds  # both chains' time
     base, retried = (CrystalSet.from_samples(tmp_path / v) for v in ("default_noretry", "default_unrelaxed"))

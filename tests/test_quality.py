@@ -15,9 +15,10 @@ from symat_jax.model import SyMat
 from symat_jax.coordination import coordination_by_density, local_structure, neighbor_distances
 from symat_jax.crystals import CrystalSet
 from symat_jax.prior import MixturePrior, mixture_log_density, sample_mixture
+from symat_jax.sampling.schedule import spread_levels
 
 from test_model import CONFIG, crystals, params  # noqa: F401  (fixtures)
-from test_sampling import FEW, _inputs, _statics
+from test_sampling import NORM, _inputs, python_loop_chain
 
 
 def _mixture_data(rng, n):
@@ -104,125 +105,106 @@ def test_prior_round_trips_through_its_file(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_prior_kind_gmm_is_an_alias_of_fitted_and_an_unknown_kind_is_refused():
-    cfg = configs.get_sampler_config("carbon_24", "paper", prior="gmm")
-    assert cfg.prior == "fitted" and configs.get_sampler_config("carbon_24", "default").prior == "fitted"
+def test_fitted_prior_draws_from_the_run_s_density_and_needs_one():
+    preset = configs.get_sampler_preset("carbon_24", "default")
+    assert isinstance(preset.prior, configs.FittedPrior)
     D = CONFIG.latent_comp + CONFIG.latent_pos + CONFIG.latent_lat
-    prior = MixturePrior(jnp.ones((1,)), jnp.full((1, D), 3.0),
-                         1e-3 * jnp.eye(D)[None])
-    z = sampling.sample_latents(jax.random.PRNGKey(0), 4, CONFIG, cfg, prior)
+    prior = MixturePrior(jnp.ones((1,)), jnp.full((1, D), 3.0), 1e-3 * jnp.eye(D)[None])
+    z = sampling.sample_latents(jax.random.PRNGKey(0), 4, CONFIG, preset.prior, prior)
     np.testing.assert_allclose(np.concatenate(z, -1), 3.0, atol=0.01)  # drawn from the fitted prior, not N(0, I)
     with pytest.raises(ValueError, match="none was given"):
-        sampling.sample_latents(jax.random.PRNGKey(0), 4, CONFIG, cfg)
-    with pytest.raises(ValueError, match="prior must be one of"):
-        configs.get_sampler_config("carbon_24", "paper", prior="flow")
+        sampling.sample_latents(jax.random.PRNGKey(0), 4, CONFIG, preset.prior)
 
 
 def test_paper_preset_is_spec_4_exactly():
-    for dataset, temps in configs.PAPER_TEMPERATURES.items():
-        cfg = configs.get_sampler_config(dataset, "paper")
-        assert (cfg.temp_comp, cfg.temp_pos, cfg.temp_lat, cfg.temp_coord) == temps
-        assert (cfg.num_levels, cfg.steps_per_level, cfg.step_size) == (50, 100, 1e-4)
-        assert (cfg.decode, cfg.prior, cfg.final_denoise, cfg.quiet_levels) == ("argmax", "standard", False, 0)
-        assert (cfg.step_schedule, cfg.noise_schedule, cfg.top_level) == ("paper", "constant", None)
+    for dataset, (tc, tp, tl, tx) in configs.PAPER_TEMPERATURES.items():
+        preset = configs.get_sampler_preset(dataset, "paper")
+        assert preset.prior == configs.StandardPrior(tc, tp, tl) and preset.decode == configs.DecodeConfig()
+        assert preset.stages == (configs.ChainConfig(num_levels=50, steps_per_level=100, step_schedule="paper",
+                                                     step_scale=1e-4, noise_schedule="constant", temp_coord=tx),)
+        assert (preset.checkpoint, preset.weights) == ("best", "raw")
     model = configs.get_config("carbon_24").model
     norm = np.linspace(0.01, 2.0, 50)
-    idx, alphas = sampling.level_schedule(model, configs.get_sampler_config("carbon_24", "paper"), norm)
+    plan = sampling.build_schedule(configs.get_sampler_preset("carbon_24", "paper").chain, model, norm)
     sig = score.noise_levels()
-    np.testing.assert_array_equal(idx, np.arange(49, -1, -1))
-    np.testing.assert_allclose(alphas, 1e-4 * (sig[idx] / 0.01) ** 2)
-    assert configs.sampler_checkpoint("paper") == "best" and configs.sampler_weights("paper") == "raw"
+    np.testing.assert_array_equal(plan.levels, np.arange(49, -1, -1))
+    np.testing.assert_allclose(plan.alphas, 1e-4 * (sig[list(plan.levels)] / 0.01) ** 2)
+    assert plan.constant_temp == 0.01 and plan.constant_steps == 100 and plan.final_denoise is None
 
 
 def test_norm_schedule_moves_every_level_by_the_same_fraction_of_its_target():
     model = configs.get_config("carbon_24").model
     norm = np.linspace(0.02, 2.0, 50)
-    cfg = configs.get_sampler_config("carbon_24", "paper", step_schedule="norm", step_fraction=0.3,
-                                     noise_schedule="sigma", temp_coord=1.0, quiet_levels=3)
-    idx, alphas = sampling.level_schedule(model, cfg, norm)
-    np.testing.assert_allclose(alphas / norm[idx] ** 2, 0.3)  # a step is alpha * s / norm = 0.3 * target
-    temps = np.asarray(sampling._noise_scales(model, cfg, idx, norm))
-    np.testing.assert_allclose(temps[:-3], score.noise_levels()[idx][:-3] / norm[idx][:-3], rtol=1e-6)
-    assert np.all(temps[-3:] == 0)
-    top = dataclasses.replace(cfg, top_level=20, num_levels=21)
-    np.testing.assert_array_equal(sampling.level_schedule(model, top, norm)[0], np.arange(20, -1, -1))
+    chain = configs.ChainConfig(step_schedule="norm", step_scale=0.3, noise_schedule="sigma", temp_coord=1.0)
+    plan = sampling.build_schedule(chain, model, norm)
+    idx = list(plan.levels)
+    np.testing.assert_allclose(np.asarray(plan.alphas) / norm[idx] ** 2, 0.3)  # a step is alpha * s / norm = 0.3 * target
+    np.testing.assert_allclose(plan.temps, score.noise_levels()[idx] / norm[idx], rtol=1e-6)
+    assert plan.constant_temp is None
+    own = sampling.build_schedule(chain, model, norm, levels=range(20, -1, -1))  # a study's own levels
+    np.testing.assert_array_equal(own.levels, np.arange(20, -1, -1))
+    assert own.tail(5).levels == own.levels[5:] and own.tail(5).alphas == own.alphas[5:]
+    for bad in ([3, 5], [50], []):
+        with pytest.raises(ValueError, match="levels must be"):
+            sampling.build_schedule(chain, model, norm, levels=bad)
+    with pytest.raises(ValueError, match="num_levels"):
+        sampling.build_schedule(dataclasses.replace(chain, num_levels=51), model, norm)
+
+
+OPTIONS = configs.ChainConfig(num_levels=3, steps_per_level=4, step_schedule="norm", step_scale=1e-4,
+                              noise_schedule="sigma", temp_coord=1.0, band=(0.05, 0.1, 7), final_denoise=0.5)
 
 
 def test_compiled_chain_with_every_option_equals_the_python_loop(params, crystals):  # noqa: F811
     types, mask, lat, z_pos, images = _inputs(crystals, [0, 3])
-    cfg = dataclasses.replace(FEW, step_schedule="norm", step_fraction=1e-4, noise_schedule="sigma", temp_coord=1.0,
-                              quiet_levels=1, final_denoise=True, denoise_scale=0.5, top_level=30,
-                              band=(0.05, 0.1), band_steps=7, band_temp=0.5, restarts=1, restart_sigma=0.1, quench_steps=2)
-    # Levels 30, 15, 0 (sigma 0.69, 0.083, 0.01 A): the band gives the middle one 7 steps instead of 4, and the
-    # restart noises back to level 15 (the nearest to 0.1 A) and runs levels 15 and 0 again.
-    np.testing.assert_array_equal(sampling.level_steps(CONFIG, cfg, np.array([30, 15, 0])), [4, 7, 4])
-    assert sampling.restart_start(CONFIG, cfg, np.array([30, 15, 0])) == 1
-    kw = dict(statics=_statics(), model=CONFIG, cfg=cfg, max_images=images)
+    # Levels 30, 15, 0 (sigma 0.69, 0.083, 0.01 A): the band gives the middle one 7 steps instead of 4.
+    plan = sampling.build_schedule(OPTIONS, CONFIG, NORM, levels=[30, 15, 0])
+    assert plan.steps == (4, 7, 4) and plan.total_steps == 15
+    kw = dict(model=CONFIG, max_images=images)
     key = jax.random.PRNGKey(3)
-    fast = jax.jit(lambda p, k: sampling.langevin(p, k, types, mask, lat, z_pos, **kw))(params, key)
-    slow = sampling.langevin(params, key, types, mask, lat, z_pos, **kw, python_loop=True)
+    fast = jax.jit(lambda p, k: sampling.run_chain(p, k, types, mask, lat, z_pos, schedule=plan, **kw))(params, key)
+    slow = python_loop_chain(params, key, types, mask, lat, z_pos, schedule=plan, **kw)
     np.testing.assert_allclose(fast[0], slow[0], atol=1e-5)
-    unbanded = sampling.langevin(params, key, types, mask, lat, z_pos, **{**kw, "cfg": dataclasses.replace(cfg, band=None)})
-    assert not np.allclose(fast[0], unbanded[0], atol=1e-5)  # the extra steps ran
-    no_restart = sampling.langevin(params, key, types, mask, lat, z_pos, **{**kw, "cfg": dataclasses.replace(cfg, restarts=0)})
-    assert not np.allclose(fast[0], no_restart[0], atol=1e-5)  # the restart ran
+    unbanded = sampling.build_schedule(dataclasses.replace(OPTIONS, band=None), CONFIG, NORM, levels=[30, 15, 0])
+    other = sampling.run_chain(params, key, types, mask, lat, z_pos, schedule=unbanded, **kw)
+    assert not np.allclose(fast[0], other[0], atol=1e-5)  # the extra steps ran
 
 
 def test_chain_trace_holds_each_level_s_state_and_ends_at_the_output(params, crystals):  # noqa: F811
     types, mask, lat, z_pos, images = _inputs(crystals, [0, 3])
-    cfg = dataclasses.replace(FEW, step_schedule="norm", step_fraction=1e-3, noise_schedule="sigma", temp_coord=1.0,
-                              top_level=30, band=(0.05, 0.1), band_steps=7)
-    kw = dict(statics=_statics(), model=CONFIG, cfg=cfg, max_images=images, trace=True)
+    chain = dataclasses.replace(OPTIONS, step_scale=1e-3, final_denoise=None)
+    plan = sampling.build_schedule(chain, CONFIG, NORM, levels=[30, 15, 0])
+    kw = dict(model=CONFIG, max_images=images)
     key = jax.random.PRNGKey(5)
-    frac, _, states = jax.jit(lambda p, k: sampling.langevin(p, k, types, mask, lat, z_pos, **kw))(params, key)
+    frac, _, states = jax.jit(lambda p, k: sampling.trace_chain(p, k, types, mask, lat, z_pos, schedule=plan, **kw))(
+        params, key)
     assert states.shape == (3,) + frac.shape  # levels 30, 15, 0
     np.testing.assert_allclose(states[-1], frac, atol=1e-6)  # no final step: the last level's state is the output
-    slow = sampling.langevin(params, key, types, mask, lat, z_pos, **kw, python_loop=True)[2]
+    slow = python_loop_chain(params, key, types, mask, lat, z_pos, schedule=plan, keep_levels=True, **kw)[2]
     np.testing.assert_allclose(states, slow, atol=1e-5)
     assert not np.allclose(states[0], states[1], atol=1e-4)  # each entry is its own level's state
     assert np.all(states[:, ~np.asarray(mask)] == 0)
-    denoised = sampling.langevin(params, key, types, mask, lat, z_pos,
-                                 **{**kw, "cfg": dataclasses.replace(cfg, final_denoise=True)})
+    denoised = sampling.trace_chain(params, key, types, mask, lat, z_pos,
+                                    schedule=dataclasses.replace(plan, final_denoise=0.5), **kw)
     np.testing.assert_allclose(denoised[2], states, atol=1e-6)  # the final step comes after the trace
     assert not np.allclose(denoised[0], states[-1], atol=1e-5)
 
 
-def test_restart_level_is_the_nearest_to_restart_sigma_and_a_bad_one_is_refused():
-    model = configs.get_config("carbon_24").model
-    cfg = configs.get_sampler_config("carbon_24", "default", restarts=2, restart_sigma=0.3)
-    idx, _ = sampling.level_schedule(model, cfg, np.ones(50))
-    r0 = sampling.restart_start(model, cfg, idx)
-    np.testing.assert_allclose(score.noise_levels()[idx][r0], 0.295, atol=1e-3)  # 25 levels: ..., 0.391, 0.295, 0.222 A, ...
-    for bad in [dict(restart_sigma=20.0), dict(restart_sigma=0.005), dict(restarts=-1)]:
-        with pytest.raises(ValueError, match="restart"):
-            sampling.restart_start(model, dataclasses.replace(cfg, **bad), idx)
-    assert sampling.restart_start(model, dataclasses.replace(cfg, restarts=0, restart_sigma=20.0), idx) >= 0  # off: unchecked
-
-
 def test_band_gives_its_levels_their_own_step_count_and_refuses_a_bad_band():
     model = configs.get_config("carbon_24").model
-    cfg = configs.get_sampler_config("carbon_24", "default", num_levels=25, steps_per_level=10, band=(0.1, 1.0),
-                                     band_steps=100)
-    idx, _ = sampling.level_schedule(model, cfg, np.ones(50))
-    steps = sampling.level_steps(model, cfg, idx)
-    sig = score.noise_levels()[idx]
-    np.testing.assert_array_equal(steps, np.where((sig >= 0.1) & (sig <= 1.0), 100, 10))
-    assert (steps == 100).sum() == 7  # sigma 0.79 ... 0.126 A of the 25 levels
+    chain = configs.ChainConfig(num_levels=25, steps_per_level=10, band=(0.1, 1.0, 100))
+    plan = sampling.build_schedule(chain, model, np.ones(50))
+    sig = np.asarray(plan.sigmas)
+    np.testing.assert_array_equal(plan.steps, np.where((sig >= 0.1) & (sig <= 1.0), 100, 10))
+    assert plan.steps.count(100) == 7  # sigma 0.79 ... 0.126 A of the 25 levels
     # The default preset: 25 x 10, the 5 levels in 0.03-0.1 A at 1,000 steps: about the paper's 50 x 100 in cost.
-    default = configs.get_sampler_config("carbon_24", "default")
-    idx, _ = sampling.level_schedule(model, default, np.ones(50))
-    np.testing.assert_allclose(score.noise_levels()[idx][sampling.level_steps(model, default, idx) == 1000],
+    default = sampling.build_schedule(configs.get_sampler_preset("carbon_24", "default").chain, model, np.ones(50))
+    np.testing.assert_allclose(np.asarray(default.sigmas)[np.asarray(default.steps) == 1000],
                                [0.095, 0.072, 0.054, 0.041, 0.031], atol=1e-3)
-    assert sampling.level_steps(model, default, idx).sum() == 20 * 10 + 5 * 1000
-    # band_temp scales the noise of the band's levels only.
-    norm = np.linspace(0.1, 5.0, 50)
-    cool = sampling._noise_scales(model, dataclasses.replace(cfg, band_temp=0.25), idx, norm)
-    warm = sampling._noise_scales(model, cfg, idx, norm)
-    np.testing.assert_allclose(cool, np.where(steps == 100, 0.25, 1.0) * warm, rtol=1e-6)
-    for bad in [dict(band=(1.0, 0.1)), dict(band=(0.0, 1.0)), dict(band=(0.1, 1.0), band_steps=0),
-                dict(band_temp=-1.0)]:
+    assert default.total_steps == 20 * 10 + 5 * 1000 and default.final_denoise == 0.35
+    for bad in [(1.0, 0.1, 10), (0.0, 1.0, 10), (0.1, 1.0, 0), (0.1, 1.0)]:
         with pytest.raises(ValueError, match="band"):
-            sampling.level_steps(model, dataclasses.replace(cfg, **bad), idx)
+            configs.ChainConfig(band=bad)
 
 
 def _noisy_carbon(crystals, sigma, seed):  # noqa: F811
@@ -260,42 +242,13 @@ def test_denoising_step_with_an_exact_score_brings_noisy_crystals_closer(crystal
         nl = jax.vmap(functools.partial(score.score_graph, config=graph_config))(x, lattice, atom_mask)
         return jax.vmap(score.score_target)(clean, x, lattice, nl) / norm, nl
 
-    monkeypatch.setattr(sampling, "coordinate_scores", exact)
+    monkeypatch.setattr(sampling.chain, "coordinate_scores", exact)
     before = _distance_error(noisy, clean, lat, mask, graph_config)
     kw = dict(lattice=lat, atom_types=types, atom_mask=mask, z_pos=jnp.zeros((8, 1)), norm=norm, model=CONFIG,
-              graph_config=graph_config)
+              graph=graph_config)
     after = {s: _distance_error(sampling.denoise(None, noisy, scale=s, **kw), clean, lat, mask, graph_config)
              for s in (0.25, 0.35, 0.5)}
     assert min(after.values()) < 0.75 * before, (before, after)
-
-
-def test_quench_steps_with_an_exact_score_bring_a_noisy_crystal_to_its_clean_bonds(crystals, monkeypatch):  # noqa: F811
-    sigma = float(score.noise_levels()[8])  # 0.031 A: the fingerprint's tolerance is about half of that
-    clean, noisy, lat, mask, types = _noisy_carbon(crystals, sigma, 8)
-    images = _inputs(crystals, list(range(8)))[-1]
-    graph_config = score.ScoreGraphConfig(3.0, 5, images)
-
-    def exact(net_params, model, x, lattice, atom_types, atom_mask, z_pos, *, graph_config, num_nodes=None):
-        nl = jax.vmap(functools.partial(score.score_graph, config=graph_config))(x, lattice, atom_mask)
-        return jax.vmap(score.score_target)(clean, x, lattice, nl), nl
-
-    monkeypatch.setattr(sampling, "coordinate_scores", exact)
-    statics = dataclasses.replace(_statics(), score_norm=(1.0,) * 50)
-    # One noisy step at the lowest level, then (or not) the quench.
-    cfg = configs.get_sampler_config("carbon_24", "default", top_level=0, num_levels=1, steps_per_level=1, band=None,
-                                     final_denoise=False)
-
-    def chain(quench, seed):
-        out, _ = sampling.langevin(None, jax.random.PRNGKey(seed), types, mask, lat, jnp.zeros((8, 1)), statics=statics,
-                                   model=CONFIG, cfg=dataclasses.replace(cfg, quench_steps=quench), max_images=images,
-                                   x0=noisy)
-        return geometry.frac_to_cart(out, lat)
-
-    before = _distance_error(chain(0, 0), clean, lat, mask, graph_config)
-    after = _distance_error(chain(60, 0), clean, lat, mask, graph_config)
-    assert after < 0.3 * before, (before, after)
-    # The quench adds no noise: after one noisy step drawn with another key it lands as close.
-    assert _distance_error(chain(60, 1), clean, lat, mask, graph_config) < 0.3 * before
 
 
 def _coordination(x, lattice, mask):
@@ -319,23 +272,24 @@ def test_default_chain_with_an_exact_score_brings_level_25_crystals_back_to_thei
         nl = jax.vmap(functools.partial(score.score_graph, config=graph_config))(x, lattice, atom_mask)
         return jax.vmap(score.score_target)(clean, x, lattice, nl), nl
 
-    monkeypatch.setattr(sampling, "coordinate_scores", exact)
-    statics = dataclasses.replace(_statics(), score_norm=(1.0,) * 50)  # s = target: a step moves f * target
+    monkeypatch.setattr(sampling.chain, "coordinate_scores", exact)
+    unit = (1.0,) * 50  # s = target: a step moves f * target
+    levels = spread_levels(25, 25)  # the preset's level spacing, from level 25 down
 
-    def recovered(cfg):
-        out, _ = jax.jit(lambda x0: sampling.langevin(None, jax.random.PRNGKey(0), types, mask, lat, jnp.zeros((8, 1)),
-                                                      statics=statics, model=CONFIG, cfg=cfg, max_images=images,
-                                                      x0=x0))(noisy)
+    def recovered(chain):
+        plan = sampling.build_schedule(chain, CONFIG, unit, levels=levels)
+        out, _ = jax.jit(lambda x0: sampling.run_chain(None, jax.random.PRNGKey(0), types, mask, lat, jnp.zeros((8, 1)),
+                                                       x0, schedule=plan, model=CONFIG, max_images=images))(noisy)
         end = np.concatenate(_coordination(geometry.frac_to_cart(out, lat), lat, mask))
         return float(np.mean(end == real))
 
     real = np.concatenate(_coordination(clean, lat, mask))
     assert np.mean(np.concatenate(_coordination(noisy, lat, mask)) == real) < 0.5
     # The preset as it is, but 200 steps in the band instead of 1,000 (time).
-    cfg = configs.get_sampler_config("carbon_24", "default", top_level=25, band_steps=200)
-    assert recovered(cfg) > 0.95
+    chain = dataclasses.replace(configs.get_sampler_preset("carbon_24", "default").chain, band=(0.03, 0.1, 200))
+    assert recovered(chain) > 0.95
     # A step of the whole predicted target (it sums up to K bond corrections) overshoots: measured 28%.
-    assert recovered(dataclasses.replace(cfg, step_fraction=1.0)) < 0.5
+    assert recovered(dataclasses.replace(chain, step_scale=1.0)) < 0.5
 
 
 def test_local_structure_matches_pymatgen_neighbours_and_the_carbon_data(test_splits):

@@ -11,8 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from symat_jax import geometry, relax
+from symat_jax import fire, geometry, tersoff
+from symat_jax.configs import CoordinationRule, HopConfig, RelaxConfig
 from symat_jax.crystals import CrystalSet
+from symat_jax.relax import Relaxed
+from symat_jax.sampling import relax_crystals
+
+
+def _relax(crystals: CrystalSet, cfg: RelaxConfig, hops: HopConfig | None = None, **kw) -> Relaxed:
+    """Return the Relax (and Hop) stages' crystals and per-crystal record on ``crystals``."""
+    out = relax_crystals(crystals, cfg, hops, progress=False, **kw)
+    rec = out.arrays["relax"]
+    return Relaxed(out.crystals, rec["energy_per_atom"], rec["fmax"], rec["steps"], rec["converged"], rec["kept"],
+                   rec["reverted"], rec["hops"])
 
 
 def diamond(a: float) -> tuple[np.ndarray, np.ndarray]:
@@ -23,13 +34,13 @@ def diamond(a: float) -> tuple[np.ndarray, np.ndarray]:
 
 def energy(frac: np.ndarray, lattice: np.ndarray, images: int = 2, **kw) -> float:
     """Return the project's Tersoff energy (eV) of an unpadded crystal."""
-    e, overflow = relax.tersoff_energy(jnp.asarray(frac @ lattice, jnp.float32), jnp.asarray(lattice, jnp.float32),
+    e, overflow = tersoff.tersoff_energy(jnp.asarray(frac @ lattice, jnp.float32), jnp.asarray(lattice, jnp.float32),
                                        jnp.ones(len(frac), bool), max_images=(images,) * 3, **kw)
     assert not bool(overflow)
     return float(e)
 
 
-def loop_energy(frac: np.ndarray, lattice: np.ndarray, p: relax.TersoffParams = relax.CARBON) -> float:
+def loop_energy(frac: np.ndarray, lattice: np.ndarray, p: tersoff.TersoffParams = tersoff.CARBON) -> float:
     """Return Tersoff's energy written as the paper's sums over atoms and images, in float64 (slow reference)."""
     cart = frac @ lattice
     cut = p.R + p.D
@@ -93,7 +104,7 @@ def test_energy_matches_the_loop_reference_on_a_distorted_triclinic_crystal():
     # Padding atoms change nothing.
     padded = np.concatenate([frac @ lat, np.zeros((3, 3))]).astype(np.float32)
     mask = np.arange(11) < 8
-    e, _ = relax.tersoff_energy(jnp.asarray(padded), jnp.asarray(lat, jnp.float32), jnp.asarray(mask), max_images=(2, 2, 2))
+    e, _ = tersoff.tersoff_energy(jnp.asarray(padded), jnp.asarray(lat, jnp.float32), jnp.asarray(mask), max_images=(2, 2, 2))
     assert float(e) == pytest.approx(ref, rel=2e-5)
 
 
@@ -113,8 +124,8 @@ def test_fixed_cell_relaxation_rebuilds_a_perturbed_diamond():
     frac, lat = diamond(3.566)
     rng = np.random.default_rng(2)
     cart = frac @ lat + rng.normal(0, 0.1, (8, 3))
-    trace = relax.relax_batch(jnp.asarray(cart[None], jnp.float32), jnp.asarray(lat[None], jnp.float32),
-                              jnp.ones((1, 8), bool), cfg=relax.RelaxConfig(steps=500), max_images=(1, 1, 1))
+    trace = fire.relax_batch(jnp.asarray(cart[None], jnp.float32), jnp.asarray(lat[None], jnp.float32),
+                              jnp.ones((1, 8), bool), cfg=RelaxConfig(steps=500), max_images=(1, 1, 1))
     assert float(trace.fmax[0]) < 0.01 and int(trace.steps[0]) < 500
     out = np.asarray(trace.positions[0]) @ np.linalg.inv(lat)
     dists = geometry.neighbor_distances(out, lat, 1.8)
@@ -128,9 +139,8 @@ def test_free_cell_relaxation_finds_diamonds_lattice_constant_and_pressure_compr
     frac, lat = diamond(3.45)
     cs = CrystalSet(np.array([8, 8]), np.full(16, 6), np.concatenate([frac, frac]),
                     np.full((2, 3), 3.45), np.full((2, 3), 90.0))
-    at0 = relax.relax_crystals(cs.subset([0]), relax.RelaxConfig(cell="free", steps=2000), progress=False)
-    at100 = relax.relax_crystals(cs.subset([1]), relax.RelaxConfig(cell="free", pressure=100.0, steps=2000),
-                                 progress=False)
+    at0 = _relax(cs.subset([0]), RelaxConfig(cell="free", steps=2000))
+    at100 = _relax(cs.subset([1]), RelaxConfig(cell="free", pressure=100.0, steps=2000))
     assert at0.converged.all() and at100.converged.all()
     assert np.allclose(at0.crystals.lengths, 3.566, atol=5e-3)
     assert np.allclose(at0.crystals.angles, 90.0, atol=0.1)
@@ -138,7 +148,7 @@ def test_free_cell_relaxation_finds_diamonds_lattice_constant_and_pressure_compr
     assert np.allclose(at100.crystals.lengths, a, atol=5e-3) and a < 3.5
     h = 2e-3
     pressure = -(energy(frac, (a + h) * np.eye(3)) - energy(frac, (a - h) * np.eye(3))) / ((a + h) ** 3 - (a - h) ** 3)
-    assert pressure / relax.GPA_IN_EV_PER_A3 == pytest.approx(100.0, rel=0.03)
+    assert pressure / fire.GPA_IN_EV_PER_A3 == pytest.approx(100.0, rel=0.03)
 
 
 def test_relax_crystals_returns_untrusted_and_non_carbon_rows_unchanged(caplog):
@@ -146,14 +156,13 @@ def test_relax_crystals_returns_untrusted_and_non_carbon_rows_unchanged(caplog):
     frac, lat = diamond(3.566)
     silicon = np.array([6] * 7 + [14])
     with pytest.raises(ValueError, match="carbon only"):
-        relax.relax_crystals(CrystalSet(np.array([8]), silicon, frac, np.full((1, 3), 3.566), np.full((1, 3), 90.0)),
-                             progress=False)
+        _relax(CrystalSet(np.array([8]), silicon, frac, np.full((1, 3), 3.566), np.full((1, 3), 90.0)), RelaxConfig())
     rng = np.random.default_rng(3)
     crowded = rng.random((8, 3))
     noisy = (frac + rng.normal(0, 0.02, frac.shape)) % 1.0
     cs = CrystalSet(np.array([8, 8, 8]), np.concatenate([np.full(16, 6), silicon]), np.concatenate([frac, crowded, noisy]),
                     np.array([[3.566] * 3, [2.2] * 3, [3.566] * 3]), np.full((3, 3), 90.0))
-    out = relax.relax_crystals(cs, relax.RelaxConfig(steps=50, max_neighbors=4), progress=False)
+    out = _relax(cs, RelaxConfig(steps=50, max_neighbors=4))
     assert out.kept.tolist() == [True, False, False]
     assert np.array_equal(out.crystals.frac_coords[8:], cs.frac_coords[8:])
     assert np.isnan(out.energy_per_atom[1:]).all()
@@ -172,27 +181,26 @@ def test_a_set_of_mixed_sizes_relaxes_as_each_crystal_alone():
     noisy = [(f + rng.normal(0, 0.01, f.shape)) % 1.0 for f, _, _ in parts]
     cs = CrystalSet(np.array([16, 2, 8]), np.full(26, 6), np.concatenate(noisy), np.array([p[1] for p in parts]),
                     np.array([p[2] for p in parts]))
-    cfg = relax.RelaxConfig(steps=200)
-    together = relax.relax_crystals(cs, cfg, batch_size=2, progress=False)
+    cfg = RelaxConfig(steps=200)
+    together = _relax(cs, cfg, batch_size=2)
     for i in range(3):
-        alone = relax.relax_crystals(cs.subset([i]), cfg, progress=False)
+        alone = _relax(cs.subset([i]), cfg)
         np.testing.assert_allclose(together.crystals.crystal(i)[3], alone.crystals.crystal(0)[3], atol=1e-5)
         assert together.energy_per_atom[i] == pytest.approx(alone.energy_per_atom[0], abs=1e-5)
 
 
-def test_keep_coordination_reverts_exactly_the_relaxations_that_lose_atoms_in_range():
+def test_the_guard_reverts_exactly_the_relaxations_that_lose_atoms_in_range():
     """A relaxation is undone where fewer atoms end with a neighbour count in range than began with it, kept elsewhere."""
     frac, lat = diamond(3.566)
     rng = np.random.default_rng(6)
     starts = [(frac + rng.normal(0, 0.03, frac.shape)) % 1.0 for _ in range(3)]
     cs = CrystalSet(np.full(3, 8), np.full(24, 6), np.concatenate(starts), np.full((3, 3), 3.566), np.full((3, 3), 90.0))
-    plain = relax.relax_crystals(cs, relax.RelaxConfig(steps=300), progress=False)
+    plain = _relax(cs, RelaxConfig(steps=300))
     # "At most 3 neighbours within 1.6 A": the relaxed diamond has 4 at 1.544 A on every atom, so a start with any
     # atom at most 3-fold loses it; "exactly 4" is what relaxed diamond has, so nothing is undone.
     for rule, expect_revert in (((0, 3), True), ((4, 4), False)):
         before = np.array([geometry.coordination_in_range(s, [3.566] * 3, [90.0] * 3, 1.6, *rule) for s in starts])
-        out = relax.relax_crystals(cs, relax.RelaxConfig(steps=300, keep_coordination=rule, bond_cutoff=1.6),
-                                   progress=False)
+        out = _relax(cs, RelaxConfig(steps=300, guard=CoordinationRule(*rule, 1.6)))
         assert out.reverted.tolist() == ((before > 0) if expect_revert else np.zeros(3, bool)).tolist()
         assert (out.kept == ~out.reverted).all()
         for i in range(3):
@@ -215,11 +223,11 @@ def _rough_carbon(seed: int = 8) -> CrystalSet:
 def test_basin_hopping_only_lowers_the_energy_and_keeps_its_records_right():
     """Hops never raise a crystal's energy, leave crystals below the threshold as relaxed, and report each crystal's own energy."""
     cs = _rough_carbon()
-    cfg = relax.RelaxConfig(steps=300)
-    plain = relax.relax_crystals(cs, cfg, progress=False)
+    cfg = RelaxConfig(steps=300)
+    plain = _relax(cs, cfg)
     # The threshold between the plain relaxations' energies: the lowest crystal must not hop.
     above = float(np.sort(plain.energy_per_atom)[0]) + 1e-3
-    hopped = relax.relax_crystals(cs, relax.RelaxConfig(steps=300, hops=3, hop_above=above), progress=False)
+    hopped = _relax(cs, cfg, HopConfig(rounds=3, above=above))
     assert (hopped.energy_per_atom <= plain.energy_per_atom + 1e-6).all()
     assert hopped.hops.sum() > 0  # else the checks below would pass vacuously
     low = int(np.argmin(plain.energy_per_atom))
@@ -231,20 +239,19 @@ def test_basin_hopping_only_lowers_the_energy_and_keeps_its_records_right():
         assert energy(frac, lat) / 8 == pytest.approx(hopped.energy_per_atom[i], abs=2e-4)
         if hopped.hops[i]:
             assert hopped.energy_per_atom[i] < plain.energy_per_atom[i]
-    again = relax.relax_crystals(cs, relax.RelaxConfig(steps=300, hops=3, hop_above=above), progress=False)
+    again = _relax(cs, cfg, HopConfig(rounds=3, above=above))
     np.testing.assert_array_equal(again.crystals.frac_coords, hopped.crystals.frac_coords)  # the seed decides
 
 
 def test_guarded_hops_never_lose_atoms_in_range():
-    """With keep_coordination, a hop is kept only where no fewer atoms end in range than the crystal had."""
+    """With a guard, a hop is kept only where no fewer atoms end in range than the crystal had."""
     cs = _rough_carbon()
     # "At most 3 neighbours within 1.8 A": the hops find diamond, whose atoms are all 4-fold, so the guard refuses them.
     rule = (0, 3)
-    kw = dict(steps=300, bond_cutoff=1.8, hops=3, hop_above=-100.0)
-    free = relax.relax_crystals(cs, relax.RelaxConfig(**kw), progress=False)
-    plain = relax.relax_crystals(cs, relax.RelaxConfig(steps=300, keep_coordination=rule, bond_cutoff=1.8),
-                                 progress=False)
-    guarded = relax.relax_crystals(cs, relax.RelaxConfig(keep_coordination=rule, **kw), progress=False)
+    guard = CoordinationRule(*rule, 1.8)
+    free = _relax(cs, RelaxConfig(steps=300), HopConfig(rounds=3, above=-100.0))
+    plain = _relax(cs, RelaxConfig(steps=300, guard=guard))
+    guarded = _relax(cs, RelaxConfig(steps=300, guard=guard), HopConfig(rounds=3, above=-100.0, guard=guard))
     assert (guarded.hops < free.hops).any()  # the guard refused hops the energy alone accepts
     for i in range(len(cs)):
         share = [geometry.coordination_in_range(r.crystals.crystal(i)[3], r.crystals.lengths[i], r.crystals.angles[i],
@@ -253,13 +260,14 @@ def test_guarded_hops_never_lose_atoms_in_range():
         assert guarded.energy_per_atom[i] <= plain.energy_per_atom[i] + 1e-6 or np.isnan(plain.energy_per_atom[i])
 
 
-@pytest.mark.parametrize("bad", [{"cell": "npt"}, {"steps": 0}, {"fmax": 0.0}, {"cell": "free", "pressure": float("nan")},
-                                 {"pressure": 10.0}, {"keep_coordination": (4, 3)}, {"hops": -1},
-                                 {"hop_sigma": 0.0}, {"hop_above": float("nan")}])
-def test_relax_config_refuses_settings_that_describe_no_relaxation(bad):
+@pytest.mark.parametrize("cls, bad", [(RelaxConfig, {"cell": "npt"}), (RelaxConfig, {"steps": 0}),
+                                      (RelaxConfig, {"fmax": 0.0}), (RelaxConfig, {"cell": "free", "pressure": float("nan")}),
+                                      (RelaxConfig, {"pressure": 10.0}), (HopConfig, {"rounds": 0}),
+                                      (HopConfig, {"sigma": 0.0}), (HopConfig, {"above": float("nan")})])
+def test_relax_and_hop_configs_refuse_settings_that_describe_no_relaxation(cls, bad):
     """Unknown cell modes, no steps, a zero force threshold, a NaN pressure, a pressure on a fixed cell or hops that cannot move are refused."""
     with pytest.raises(ValueError):
-        relax.RelaxConfig(**bad)
+        cls(**bad)
 
 
 def test_forces_are_the_gradient_of_the_loop_reference():
@@ -269,7 +277,7 @@ def test_forces_are_the_gradient_of_the_loop_reference():
     cart = frac @ lat + rng.normal(0, 0.05, (8, 3))
 
     def e(x):
-        return relax.tersoff_energy(x, jnp.asarray(lat, jnp.float32), jnp.ones(8, bool), max_images=(1, 1, 1))[0]
+        return tersoff.tersoff_energy(x, jnp.asarray(lat, jnp.float32), jnp.ones(8, bool), max_images=(1, 1, 1))[0]
 
     g = np.asarray(jax.grad(e)(jnp.asarray(cart, jnp.float32)))
     inv = np.linalg.inv(lat)
@@ -303,9 +311,9 @@ def test_symat_relax_writes_a_new_folder_and_leaves_the_samples_alone(tmp_path):
     src = tmp_path / "samples"
     _write_samples(src, cs)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    assert cli.main(["relax", "--samples", str(src), "--out", str(src), "--steps", "300"]) != 0
+    assert cli.main(["relax", "--samples", str(src), "--out", str(src), "--relax-steps", "300"]) != 0
     out = tmp_path / "relaxed"
-    assert cli.main(["relax", "--samples", str(src), "--out", str(out), "--steps", "300"]) == 0
+    assert cli.main(["relax", "--samples", str(src), "--out", str(out), "--relax-steps", "300"]) == 0
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
     relaxed = CrystalSet.from_samples(out)
     assert relaxed.num_rejected == 1
@@ -319,15 +327,15 @@ def test_symat_relax_writes_a_new_folder_and_leaves_the_samples_alone(tmp_path):
     assert np.allclose(np.concatenate(dists), 1.544, atol=2e-3)
     assert sorted(p.name for p in (out / "cif").iterdir()) == ["0.cif", "2.cif"]
     guarded = tmp_path / "guarded"
-    assert cli.main(["relax", "--samples", str(src), "--out", str(guarded), "--steps", "300",
-                     "--keep-coordination", "4", "4"]) == 0  # relaxed diamond is 4-fold: nothing undone
+    assert cli.main(["relax", "--samples", str(src), "--out", str(guarded), "--relax-steps", "300",
+                     "--relax-guard", "4", "4", "1.8"]) == 0  # relaxed diamond is 4-fold: nothing undone
     summary = json.loads((guarded / "summary.json").read_text())
-    assert summary["relax"]["keep_coordination"] == [4, 4] and summary["num_reverted"] == 0
+    assert summary["relax"]["guard"] == {"low": 4, "high": 4, "cutoff": 1.8} and summary["num_reverted"] == 0
     hopped = tmp_path / "hopped"  # every crystal hops once; the record counts the hops each kept
-    assert cli.main(["relax", "--samples", str(src), "--out", str(hopped), "--steps", "300", "--hops", "1",
+    assert cli.main(["relax", "--samples", str(src), "--out", str(hopped), "--relax-steps", "300", "--hop-rounds", "1",
                      "--hop-above", "-100", "--seed", "3"]) == 0
     summary = json.loads((hopped / "summary.json").read_text())
-    assert summary["relax"]["hops"] == 1 and summary["relax"]["hop_above"] == -100 and summary["hop_seed"] == 3
+    assert summary["hops"]["rounds"] == 1 and summary["hops"]["above"] == -100 and summary["hop_seed"] == 3
     with np.load(hopped / "relax.npz") as z, np.load(out / "relax.npz") as plain:
         assert summary["num_hopped"] == int((z["hops"] > 0).sum())
         assert (z["energy_per_atom"] <= plain["energy_per_atom"] + 1e-6).all()
@@ -337,18 +345,17 @@ def test_symat_relax_writes_a_new_folder_and_leaves_the_samples_alone(tmp_path):
     assert (out / "samples.npz").read_bytes() == kept
 
 
-def test_the_sampler_config_names_its_relaxation_and_the_chain_ignores_it():
-    """SamplerConfig.relax_config carries the preset's guard and hops; host_only drops every host stage."""
+def test_the_default_preset_relaxes_unguarded_and_hops_six_rounds_after_its_retry():
+    """The Carbon-24 preset's stages in order, each with its own config; other datasets and the paper preset have none."""
     from symat_jax import configs
 
-    cfg = configs.get_sampler_config("carbon_24", "default")
-    rcfg = cfg.relax_config()
-    assert rcfg.cell == "fixed" and rcfg.hops == cfg.relax_hops
-    assert rcfg.keep_coordination == (cfg.retry_coordination if cfg.relax_guard else None)
-    unguarded = configs.get_sampler_config("carbon_24", "default", relax_guard=False, relax_hops=2).relax_config()
-    assert unguarded.keep_coordination is None and unguarded.hops == 2
-    assert configs.get_sampler_config("carbon_24", "paper").relax_config() is None
-    assert cfg.host_only() == configs.get_sampler_config("carbon_24", "default", relax=None, relax_hops=0,
-                                                         retry_coordination=()).host_only()
-    with pytest.raises(ValueError, match="relax_hops"):
-        configs.get_sampler_config("carbon_24", "default", relax_hops=-1)
+    preset = configs.get_sampler_preset("carbon_24", "default")
+    kinds = [type(s) for s in preset.stages]
+    assert kinds == [configs.ChainConfig, configs.RetryConfig, RelaxConfig, HopConfig]
+    assert preset.stage(RelaxConfig) == RelaxConfig(cell="fixed") and preset.stage(HopConfig).rounds == 6
+    assert preset.stage(configs.RetryConfig).checkpoint == "40"
+    assert [type(s) for s in configs.get_sampler_preset("perov_5", "default").stages] == [configs.ChainConfig]
+    assert configs.get_sampler_preset("carbon_24", "paper").stage(RelaxConfig) is None
+    assert preset.without(RelaxConfig).stage(HopConfig) is None  # the hops go with their relaxation
+    with pytest.raises(ValueError, match="needs a relaxation"):
+        configs.SamplerPreset("x", "latest", "raw", preset.prior, preset.decode, (preset.chain, HopConfig()))

@@ -141,23 +141,23 @@ def test_a_refused_training_command_changes_no_byte_of_the_run(full_run, tiny_co
 def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run, tmp_path, capsys):
     workdir, _ = full_run
     out = tmp_path / "samples"
-    args = ["sample", "--workdir", str(workdir), "--num", "4", "--out", str(out), "--levels", "2",
-            "--langevin-steps", "2", "--batch-size", "4"]
+    args = ["sample", "--workdir", str(workdir), "--num", "4", "--out", str(out), "--chain-num-levels", "2",
+            "--chain-steps-per-level", "2", "--batch-size", "4"]
     # The default preset: the prior fitted at the end of training.
-    assert cli.main(args + ["--band", "0.01", "0.05", "--band-steps", "3", "--band-temp", "0.5", "--quench-steps", "2",
-                           "--no-fit-counts", "--relax-guard", "--relax-hops", "2"]) == 0
+    assert cli.main(args + ["--chain-band", "0.01", "0.05", "3", "--decode-fit-counts", "no",
+                           "--relax-guard", "3", "4", "1.8", "--hop-rounds", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["preset"] == "default" and summary["sampler"]["prior"] == "fitted"
-    assert summary["sampler"]["band"] == [0.01, 0.05] and summary["sampler"]["band_steps"] == 3
-    assert summary["sampler"]["quench_steps"] == 2 and summary["sampler"]["band_temp"] == 0.5
-    assert summary["sampler"]["fit_counts"] is False  # the preset's True, overridden
+    sampler = summary["sampler"]
+    assert summary["preset"] == "default" and sampler["prior"]["kind"] == "fitted"
+    chain, retry, relaxation, hops = sampler["stages"]
+    assert chain["stage"] == "ChainConfig" and chain["band"] == [0.01, 0.05, 3] and chain["num_levels"] == 2
+    assert sampler["decode"]["fit_counts"] is False  # the preset's True, overridden
     assert summary["num_written"] + summary["num_rejected"] == 4
-    # Carbon-24's default relaxes after sampling; the tiny run's crystals hold other elements, so none is relaxed
-    # and each is kept as sampled (unrelaxed.npz beside samples.npz, the same arrays).
-    assert summary["sampler"]["relax"] == "fixed" and summary["relax"]["num_crystals"] == summary["num_written"]
-    # --relax-guard: the retry's rule guards the relaxation and its hops.
-    assert summary["relax"]["relax"]["keep_coordination"] == [3, 4] and summary["relax"]["relax"]["hops"] == 2
-    assert summary["sampler"]["relax_guard"] is True and summary["sampler"]["relax_hops"] == 2
+    # Carbon-24's default relaxes after sampling; the relaxed crystals replace the sampled ones, which stay in
+    # unrelaxed.npz beside samples.npz.
+    assert relaxation["cell"] == "fixed" and summary["stages"]["relax"]["num_crystals"] == summary["num_written"]
+    # --relax-guard: the rule guards the relaxation; the hops (2 rounds) are guarded only by --hop-guard.
+    assert relaxation["guard"] == {"low": 3, "high": 4, "cutoff": 1.8} and hops["rounds"] == 2 and hops["guard"] is None
     if summary["num_written"]:
         with np.load(out / "unrelaxed.npz") as z, np.load(out / "samples.npz") as final, np.load(out / "relax.npz") as rec:
             assert np.array_equal(z["frac_coords"], final["frac_coords"]) == (not rec["kept"].any())
@@ -168,7 +168,8 @@ def test_symat_sample_writes_a_run_s_crystals_and_never_mixes_two_runs(full_run,
     assert json.loads((out / "summary.json").read_text())["preset"] == "paper"
     assert not (out / "unrelaxed.npz").exists()  # the paper setting does not relax
     assert cli.main(args + ["--overwrite", "--no-relax"]) == 0
-    assert json.loads((out / "summary.json").read_text())["sampler"]["relax"] is None
+    stages = json.loads((out / "summary.json").read_text())["sampler"]["stages"]
+    assert [s["stage"] for s in stages] == ["ChainConfig", "RetryConfig"]  # the hops went with the relaxation
 
 
 def test_the_score_network_can_come_from_another_kept_checkpoint(full_run, tmp_path):
@@ -189,12 +190,13 @@ def test_the_score_network_can_come_from_another_kept_checkpoint(full_run, tmp_p
     with pytest.raises(FileNotFoundError, match="kept epochs: 2, 3, 4"):
         run.load_run(workdir, "latest", "ema", score_checkpoint="1")
     out = tmp_path / "mixed"
-    assert cli.main(["sample", "--workdir", str(workdir), "--num", "2", "--out", str(out), "--levels", "2",
-                     "--langevin-steps", "2", "--no-band", "--score-checkpoint", "2", "--retry-score-checkpoint", "3"]) == 0
+    assert cli.main(["sample", "--workdir", str(workdir), "--num", "2", "--out", str(out), "--chain-num-levels", "2",
+                     "--chain-steps-per-level", "2", "--chain-band", "none", "--score-checkpoint", "2",
+                     "--retry-checkpoint", "3", "--no-relax"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["checkpoint_epoch"], summary["score_epoch"]) == (4, 2)
     # Carbon-24's default retries crystals with atoms not 3-4-fold; the tiny run's are: epoch 3's network reran them.
-    assert summary["retry"]["score_epoch"] == 3 and summary["retry"]["retried"] >= 1
+    assert summary["retry_epoch"] == 3 and summary["stages"]["retry"]["retried"] >= 1
     with np.load(out / "first_pass.npz") as first, np.load(out / "samples.npz") as final:
         np.testing.assert_array_equal(first["atom_types"], final["atom_types"])
         assert first["frac_coords"].shape == final["frac_coords"].shape
@@ -484,27 +486,25 @@ def test_score_latent_mean_gives_the_score_network_the_posterior_mean(full_run, 
 
 
 def test_the_retry_chain_takes_the_preset_s_kept_epoch_or_says_it_uses_the_sampling_network(full_run, caplog):
+    from symat_jax import sampling
     from symat_jax.model import SCORE_MODULES
 
     workdir, _ = full_run
-    loaded = run.load_run(workdir, "latest", "ema")
-    assert loaded.config.dataset == "carbon_24"
-    cfg = configs.get_sampler_config("carbon_24", "default")
-    assert cfg.retry_coordination == (3, 4) and configs.sampler_retry_checkpoint("carbon_24", "default") == "40"
+    preset = configs.get_sampler_preset("carbon_24", "default")
+    assert preset.stage(configs.RetryConfig).checkpoint == "40"
+    assert configs.get_config("carbon_24").keep_epochs == (40,)  # training keeps it because the preset names it
     # The tiny run keeps epochs 2-4, not the preset's 40: the sampling network, with a warning naming the epoch.
     with caplog.at_level(logging.WARNING):
-        assert run.load_retry_params(workdir, loaded, cfg, "default", "latest", "ema") == (None, 4)
-    assert "keeps no epoch 40" in caplog.text
-    params, epoch = run.load_retry_params(workdir, loaded, cfg, "default", "latest", "ema", retry_checkpoint="2")
-    early = run.load_run(workdir, "2", "ema")
-    assert epoch == 2
-    np.testing.assert_array_equal(jax.tree_util.tree_leaves(params["params"][SCORE_MODULES[1]])[0],
-                                  jax.tree_util.tree_leaves(early.params["params"][SCORE_MODULES[1]])[0])
-    with pytest.raises(FileNotFoundError, match="kept epochs"):  # asked for by name: no silent fallback
-        run.load_retry_params(workdir, loaded, cfg, "default", "latest", "ema", retry_checkpoint="1")
-    no_retry = dataclasses.replace(cfg, retry_coordination=None)
-    assert run.load_retry_params(workdir, loaded, no_retry, "default", "latest", "ema") == (None, 4)
-    with pytest.raises(ValueError, match="needs a retry"):
-        run.load_retry_params(workdir, loaded, no_retry, "default", "latest", "ema", retry_checkpoint="2")
-    assert configs.get_sampler_config("perov_5", "default").retry_coordination is None
-    assert configs.get_sampler_config("carbon_24", "paper").retry_coordination is None
+        run40 = sampling.load_sampling_run(workdir, preset)
+    assert "keeps no epoch 40" in caplog.text and "retry" not in run40.stage_params
+    assert run40.epochs["retry_epoch"] == run40.epochs["score_epoch"] == 4
+    early = preset.replace_stage(configs.RetryConfig(checkpoint="2"))
+    loaded = sampling.load_sampling_run(workdir, early)
+    assert loaded.epochs["retry_epoch"] == 2
+    reference = run.load_run(workdir, "2", "ema")
+    np.testing.assert_array_equal(jax.tree_util.tree_leaves(loaded.stage_params["retry"]["params"][SCORE_MODULES[1]])[0],
+                                  jax.tree_util.tree_leaves(reference.params["params"][SCORE_MODULES[1]])[0])
+    with pytest.raises(FileNotFoundError, match="kept epochs"):  # asked for by the caller: no silent fallback
+        sampling.load_sampling_run(workdir, preset.replace_stage(configs.RetryConfig(checkpoint="1")))
+    plain = sampling.load_sampling_run(workdir, preset.without(configs.RetryConfig))
+    assert "retry_epoch" not in plain.epochs and not plain.stage_params

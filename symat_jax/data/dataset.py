@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from symat_jax import hostpool
-from symat_jax.data import ragged, registry
+from symat_jax import hostpool, ragged
+from symat_jax.data import registry
 from symat_jax.data.canonical import MAX_ATOMIC_NUMBER, BadCrystalError, CanonicalCrystal, canonicalize
 from symat_jax.crystals import CrystalSet
 from symat_jax.geometry import cell_defect
