@@ -12,8 +12,8 @@ kept) and reports the fingerprint distance to the crystal it started from,
 before and after the chain. A chain that cannot bring a perturbed real crystal
 back within 0.2 cannot reach COV-P from noise either. ``--z-pos shuffled``
 conditions each chain on the next test crystal's latent instead of its own:
-equal recovery means the score network does not use the latent (BENCHMARKS.md,
-session 8). Writes JSON lines to ``--out``.
+equal recovery means the score network does not use the latent (docs/quality-history.md,
+"Where the chain loses the crystal"). Writes JSON lines to ``--out``.
 """
 
 from __future__ import annotations

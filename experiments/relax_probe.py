@@ -9,7 +9,7 @@ fingerprint distance to the crystal each started as (median, share within
 CDVAE's 0.2), the density change and the relaxation's convergence. A
 relaxation that moved real crystals away from themselves would cost coverage
 rather than buy it; sigma 0.1 A is about as far as the generated bonded
-crystals lie from their nearest test crystal (BENCHMARKS.md, session 7).
+crystals lie from their nearest test crystal (docs/quality-history.md, "Why COV-P stays low").
 Prints one JSON line per sigma and cell mode.
 """
 

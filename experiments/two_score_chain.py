@@ -7,9 +7,9 @@ The decoders, the prior and the latents are the ``--high`` checkpoint's
 chain runs ``--high``'s score network down to the last level above
 ``--switch`` (A), then continues from that state with ``--low``'s on the
 remaining levels (band, final step). Writes ``DIR/samples.npz`` (CDVAE
-layout) and ``DIR/summary.json``; prints the local structure. Session 13
-asked whether the later network's placement above the bonding band and the
-earlier one's bonds in it combine (BENCHMARKS.md).
+layout) and ``DIR/summary.json``; prints the local structure. It asks
+whether the later network's placement above the bonding band and the
+earlier one's bonds in it combine (docs/quality-history.md).
 """
 
 from __future__ import annotations

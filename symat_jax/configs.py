@@ -59,16 +59,11 @@ class ModelConfig:
     num_levels: int = 50
     sigma_min: float = 0.01
     sigma_max: float = 10.0
-    # Atom embedding tables: "flax" = flax's default (variance 1 / features); "unit_uniform" = uniform in
-    # [-sqrt(3), sqrt(3)] as the reference (SPEC 3). Measured on Carbon-24 (README): with unit_uniform the
-    # latent means saturate in the first epoch and validation composition match reaches 56.5% at epoch 150,
-    # against 87% at epoch 94 with flax's init, so flax's stays the default.
+    # Atom embedding init: "flax" (variance 1 / features) or "unit_uniform" (the reference's, SPEC 3), whose latent
+    # means saturated in epoch 1 (composition match 56.5% at epoch 150 vs 87%: README, Training).
     embed_init: str = "flax"
-    # Where the score network sees z_pos: "head" = only at the edge score head, concatenated with the last edge
-    # feature (SPEC 3); "nodes" = also added (through a linear map) to every atom's embedding, so message passing
-    # is conditioned on it. Measured on Carbon-24 (BENCHMARKS.md, session 8): with "head" the chain recovers
-    # perturbed test crystals equally well from their own z_pos and from another crystal's: the latent is unused;
-    # one "nodes" run (epoch 68) used it barely more (own vs another's: 65 vs 62% recovered from sigma 0.095 A).
+    # Where the score network sees z_pos: "head" (the edge head, SPEC 3) or also "nodes" (every atom's embedding);
+    # neither makes the chain use the latent (docs/quality-history.md, "Where the chain loses the crystal").
     score_condition: str = "head"
 
 
@@ -100,10 +95,8 @@ class TrainConfig:
     loss: LossWeights = LossWeights()
     batch_size: int = 256
     learning_rate: float = 1e-3
-    # "constant" (SPEC 2) or "cosine": from learning_rate down to lr_floor * learning_rate over the run's steps
-    # (with more epochs on resume, the curve stretches to the new end). On Carbon-24 (batch 32, 150 epochs) cosine
-    # lowered the validation coordinate loss (EMA 0.520 vs 0.581 at the constant run's epoch 80) but its samples had fewer
-    # 3-4-fold atoms (36% vs 59%, BENCHMARKS.md), so constant stays the default.
+    # "constant" (SPEC 2) or "cosine" down to lr_floor * learning_rate over the run: cosine lowered the validation
+    # loss but its samples had fewer 3-4-fold atoms (36 vs 59%: docs/quality-history.md, "Batch 32").
     lr_schedule: str = "constant"
     lr_floor: float = 0.01
     clip_value: float = 0.5
@@ -111,37 +104,24 @@ class TrainConfig:
     seed: int = 0
     num_buckets: int = 3  # pad budgets of encoder batches (compilations per epoch)
     keep_checkpoints: int = 3
-    # Epochs whose checkpoints are kept for good (in kept/, beside the latest N): a sampler may take its score
-    # network from one (run.load_run's score_checkpoint). Changes nothing in training.
+    # Epochs kept for good (in kept/, beside the latest N) because a sampler preset samples them (preset_epochs).
     keep_epochs: tuple[int, ...] = ()
     max_train: int | None = None  # use only the first N training crystals (quick runs)
     max_val: int | None = None
-    # Decay of the exponential moving average of the parameters kept beside them (0: none). It does not change
-    # training; sampler presets choose raw or averaged weights (SamplerPreset.weights). It spans about 1 / (1 - decay)
-    # steps: at batch 256 Carbon-24 trains 7 steps per epoch, so 0.99 spans ~14 epochs (its paper preset now
-    # trains 51 steps per epoch with 0.999: TRAINING_DEPARTURES).
+    # Decay of the parameters' moving average kept beside them (0: none; spans ~1 / (1 - decay) steps); presets
+    # sample raw or averaged weights (SamplerPreset.weights; docs/quality-history.md, "Weight EMA").
     ema_decay: float = 0.99
-    # Noise levels drawn per training crystal: None = uniformly (SPEC 3). A number s: levels with sigma above s
-    # are drawn with probability proportional to s / sigma (uniform below s), so fewer steps go to the top levels,
-    # where the noise has erased the crystal (on Carbon-24 sigma > 1 A is a third of the levels). Measured on
-    # Carbon-24 (BENCHMARKS.md): s = 1 A raised 3-4-fold generated atoms from 40% to 49%, hence the default.
+    # Levels with sigma above s drawn with probability ~ s / sigma (None: uniformly, SPEC 3): fewer steps where the
+    # noise has erased the crystal; 1 A raised 3-4-fold atoms 40 -> 49% (docs/quality-history.md, "Level focus").
     focus_sigma: float | None = 1.0
-    # Which clean atom each noisy atom's score target points to: "none" = the atom it was made from (SPEC 3);
-    # "assignment" = its partner in an optimal same-element assignment (symat_jax.assignment), which differs only
-    # where the noise exceeds about half a bond and makes the target there predictable from the clean crystal.
-    # Measured on Carbon-24 (BENCHMARKS.md, session 10): followed exactly, the paired target rebuilds 94% of test
-    # crystals from uniform positions (SPEC 3's: 54%); an 80-epoch run trained on it recovered no better.
+    # A noisy atom's target: the atom it came from ("none", SPEC 3) or its partner in an optimal same-element
+    # assignment; a run trained on it recovered no better (docs/quality-history.md, "The target ... is right").
     target_matching: str = "none"
-    # Which z_pos the score network sees in training: "sample" = a posterior draw (SPEC 2); "mean" = the posterior
-    # mean, which is what the fitted prior (a mixture fitted to posterior means) hands the sampler. A draw tells
-    # the network its latent is noisy, so it leans on the noisy geometry instead. One 80-epoch Carbon-24 run:
-    # the widest own-vs-other latent recovery gap so far (69 vs 58% from sigma 0.095 A), still 0% from 0.3 A.
+    # The z_pos the score network sees in training: a posterior draw ("sample", SPEC 2) or the mean (what the fitted
+    # prior hands the sampler); the mean widened the own-vs-other latent gap a little (docs/quality-history.md).
     score_latent: str = "sample"
-    # Divergence guard (loop.DivergenceGuard): an epoch whose training or validation loss exceeds this many times
-    # its median over the last 5 accepted epochs is rerun from its start with a new random stream and half the
-    # learning rate, at most `divergence_retries` times, then the run stops at its last good epoch. None: off.
-    # It changes nothing in a healthy run (Carbon-24 epochs stay within 1.11 x that median); 3 of 4 constant-rate
-    # batch-32 Carbon-24 runs blew up at epochs 74-85 without it (3.7-114 x).
+    # Divergence guard (loop.DivergenceGuard): an epoch above this many times its recent median loss is rerun at
+    # half the rate (None: off); 3 of 4 batch-32 Carbon-24 runs blew up without it (docs/quality-history.md).
     divergence_factor: float | None = 3.0
     divergence_retries: int = 3
 
@@ -161,14 +141,9 @@ class TrainConfig:
         return cls(**{**d, "model": ModelConfig(**model), "loss": LossWeights(**d["loss"])})
 
 
-# Measured departures of the paper preset from SPEC 2 per dataset (README, Training; BENCHMARKS.md). Our
-# Carbon-24 train split holds 1,632 crystals, so batch 256 makes 7 optimiser steps per epoch (1,050 in 150
-# epochs): batch 32 makes 51 at about the same cost per epoch, with an EMA decay of 0.999 (~20 epochs). At a
-# constant 1e-3 that run diverged at epoch 85 (the KL jumped from 29 to 44,000); its epoch-80 state samples best
-# of every run so far, hence 80 epochs (a second seed sampled like the batch-256 run: kept as it is not worse and
-# takes half the time). A cosine decay over 150 epochs stayed stable and reached a lower
-# validation loss but sampled worse (lr_schedule="cosine" keeps it available).
-# `--batch-size 256 --epochs 150 --ema-decay 0.99` restores the earlier setting.
+# The paper preset's measured departures from SPEC 2: on our 1,632 Carbon-24 training crystals batch 32 makes 51
+# optimiser steps per epoch (batch 256: 7), and its epoch-80 state samples best (README, Training;
+# docs/quality-history.md, "Batch 32"). `--batch-size 256 --epochs 150 --ema-decay 0.99` restores SPEC 2.
 TRAINING_DEPARTURES: dict[str, dict[str, Any]] = {
     "carbon_24": dict(batch_size=32, epochs=80, ema_decay=0.999),
 }
