@@ -44,6 +44,17 @@ def preprocess(dataset: str, data_root: str | None, splits: Sequence[str], worke
     return timings
 
 
+# Research options of the score model, all off by default (docs/quality-history.md): flag -> (choices, help).
+SCORE_MODEL_OPTIONS = {
+    "--score-condition": (SCORE_CONDITIONS, "where the score network sees z_pos: at the edge head only (SPEC 3, "
+                                            "default) or also on every atom's embedding"),
+    "--target-matching": (TARGET_MATCHINGS, "pair each noisy atom's score target with the clean atom it came from "
+                                            "(SPEC 3, default) or with its partner in an optimal same-element assignment"),
+    "--score-latent": (SCORE_LATENTS, "z_pos the score network sees in training: a posterior draw (SPEC 2, default) "
+                                      "or the posterior mean (what the fitted prior gives the sampler)"),
+}
+
+
 def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None = None) -> None:
     """Add the training options (shared by ``symat train`` and the experiments)."""
     from symat_jax.configs import PRESETS
@@ -65,15 +76,8 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
                         help="learning rate: constant (SPEC 2) or a cosine decay to 1%% over the run")
     parser.add_argument("--ema-decay", type=ema_decay, default=None,
                         help="decay of the parameters' moving average the default sampler uses (0: none)")
-    parser.add_argument("--score-condition", choices=SCORE_CONDITIONS, default=None,
-                        help="where the score network sees z_pos: at the edge head only (SPEC 3, default) or also "
-                             "on every atom's embedding")
-    parser.add_argument("--target-matching", choices=TARGET_MATCHINGS, default=None,
-                        help="pair each noisy atom's score target with the clean atom it came from (SPEC 3, default) "
-                             "or with its partner in an optimal same-element assignment")
-    parser.add_argument("--score-latent", choices=SCORE_LATENTS, default=None,
-                        help="z_pos the score network sees in training: a posterior draw (SPEC 2, default) or the "
-                             "posterior mean (what the fitted prior gives the sampler)")
+    for flag, (choices, text) in SCORE_MODEL_OPTIONS.items():
+        parser.add_argument(flag, choices=choices, default=None, help=text)
     parser.add_argument("--divergence-factor", type=divergence_factor, default=None,
                         help="rerun an epoch whose training or validation loss exceeds this many times its median over "
                              "the last 5 epochs, at half the learning rate (default 3; 'off': never)")

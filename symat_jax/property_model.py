@@ -219,13 +219,8 @@ def mae(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(pred) - np.asarray(target))))
 
 
-def train_property(
-    config: PropertyConfig,
-    workdir: str | pathlib.Path,
-    data_root: str | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
+def train_property(config: PropertyConfig, workdir: str | pathlib.Path, data_root: str | None = None, *,
+                   resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a property model in ``workdir``; return its test metrics (MAE beside the mean-predictor MAE)."""
     workdir = check_folder_path(workdir, "--workdir")
     config_path = workdir / "property_config.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -271,8 +272,13 @@ def test_two_score_chain_switches_networks_at_the_first_level_below_the_switch(f
     from symat_jax.crystals import CrystalSet
 
     workdir, _ = full_run
-    monkeypatch.setitem(configs.DEFAULT_SAMPLER, "band_steps", 2)
-    monkeypatch.setitem(configs.DEFAULT_SAMPLER, "steps_per_level", 2)
+    build = configs.SAMPLER_PRESET_BUILDERS["default"]
+
+    def short(dataset):  # the default preset with 2 steps per level, in the band too
+        preset = build(dataset)
+        return preset.replace_stage(dataclasses.replace(preset.chain, steps_per_level=2, band=(0.03, 0.1, 2)))
+
+    monkeypatch.setitem(configs.SAMPLER_PRESET_BUILDERS, "default", short)
     out = tmp_path / "two"
     assert two_score_chain.main(["--workdir", str(workdir), "--low", "2", "--switch", "0.1", "--num", "4",
                                  "--out", str(out)]) == 0
