@@ -79,7 +79,6 @@ class LossWeights:
     """Weights of the loss terms (SPEC 2)."""
 
     kl: float = 0.01
-    """The KL term's weight; the decoders' terms follow (number of elements, elements, counts, lattice), then the score's."""
     num_types: float = 1.0
     elements: float = 30.0
     counts: float = 1.0

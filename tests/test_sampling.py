@@ -38,7 +38,7 @@ def _run(net_params, statics: RunStatics) -> sampling.SamplingRun:
     return sampling.SamplingRun("carbon_24", CONFIG, statics, net_params)
 
 
-def python_loop_chain(params, key, types, mask, lat, z_pos, x0=None, *, schedule, model, max_images,
+def python_loop_chain(net_params, key, types, mask, lat, z_pos, x0=None, *, schedule, model, max_images,
                       keep_levels=False):
     """Return the chain's outputs stepped from Python, one jitted step at a time (the slow reference)."""
     graph = sampling.chain.graph_config(model, max_images)
@@ -50,13 +50,13 @@ def python_loop_chain(params, key, types, mask, lat, z_pos, x0=None, *, schedule
     states = []
     for level in range(len(schedule)):
         for i in range(schedule.steps[level]):
-            x, ovf = step(params, x, jax.random.fold_in(keys[level], i), alpha=jnp.float32(schedule.alphas[level]),
+            x, ovf = step(net_params, x, jax.random.fold_in(keys[level], i), alpha=jnp.float32(schedule.alphas[level]),
                           norm=jnp.float32(schedule.norms[level]), temp=jnp.float32(schedule.temps[level]),
                           model=model, graph=graph, **inputs)
             overflow = overflow | ovf
         states.append(sampling.chain.to_frac(x, lat, mask))
     if schedule.final_denoise is not None:
-        x = sampling.denoise(params, x, norm=jnp.float32(schedule.norms[-1]), scale=schedule.final_denoise, model=model,
+        x = sampling.denoise(net_params, x, norm=jnp.float32(schedule.norms[-1]), scale=schedule.final_denoise, model=model,
                              graph=graph, **inputs)
     out = (sampling.chain.to_frac(x, lat, mask), overflow)
     return out + (jnp.stack(states),) if keep_levels else out
