@@ -210,7 +210,7 @@ class Relax:
     def __call__(self, samples: Samples, ctx: Context) -> Samples:
         """Return the samples relaxed; ``unrelaxed`` keeps them as they came."""
         if not len(samples):  # every crystal rejected: nothing to relax
-            return samples
+            return samples.recorded(self.name, {"config": dataclasses.asdict(self.cfg), "num_crystals": 0})
         t0 = time.perf_counter()
         start = _as_float64(samples.crystals)
         result = relax.relax_once(start, self.cfg, relax.carbon_rows(start, self.strict), ctx.batch_size,
@@ -251,7 +251,7 @@ class Hop:
         """Return the samples after ``cfg.rounds`` rounds; the relaxation's record counts each crystal's accepted hops."""
         if "relax" not in samples.arrays:
             if not len(samples):
-                return samples
+                return samples.recorded(self.name, {"config": dataclasses.asdict(self.cfg), "num_crystals": 0})
             raise ValueError("basin hopping needs a relaxation before it (a Relax stage)")
         t0 = time.perf_counter()
         rec = samples.arrays["relax"]

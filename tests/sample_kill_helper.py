@@ -1,0 +1,50 @@
+"""Run ``symat sample`` in a child process that kills itself at a chosen point, for the kill -9 tests of ``test_outputs.py``.
+
+``python tests/sample_kill_helper.py chain|relax|write:N -- SYMAT_ARGS...``: SIGKILL on entering the
+chain, on entering the relaxation, or right after the N-th ``.npz`` file of the output is written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import numpy as np
+
+from symat_jax import cli, relax
+from symat_jax.sampling import stages
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> int:
+    """Patch the chosen point to kill the process, then run the ``symat`` command line."""
+    point, args = sys.argv[1], sys.argv[3:]
+    if point == "chain":
+        def dying_chains(*a, **k):
+            _die()
+        stages.run_chains = dying_chains
+    elif point == "relax":
+        def dying_relax(*a, **k):
+            _die()
+        relax.relax_once = dying_relax
+    elif point.startswith("write:"):
+        limit, written = int(point.split(":")[1]), []
+        real = np.savez
+
+        def dying_savez(*a, **k):
+            real(*a, **k)
+            written.append(a[0])
+            if len(written) == limit:
+                _die()
+        np.savez = dying_savez
+    else:
+        raise SystemExit(f"unknown point {point!r}")
+    return cli.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
