@@ -28,18 +28,32 @@ class RunCheckpoints:
     """The checkpoints of one work directory: ``checkpoints/`` (latest N), ``best/`` (best validation loss) and
     ``kept/`` (chosen epochs kept for good)."""
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, keep_epochs: tuple[int, ...] = ()) -> None:
-        """Open (or create) the checkpoint folders of ``workdir``; ``keep_epochs`` (1-based) are kept for good."""
+    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, keep_epochs: tuple[int, ...] = (),
+                 read_only: bool = False) -> None:
+        """Open (or create) the checkpoint folders of ``workdir``; ``keep_epochs`` (1-based) are kept for good.
+
+        ``read_only``: a reader's view (sampling, evaluation, fitting a prior):
+        nothing is created, cleaned up or deleted, and a folder that does not
+        exist is not opened (``best`` or ``kept`` is then None).
+        """
         root = pathlib.Path(workdir).resolve()
-        options = dict(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True)
-        self.latest = ocp.CheckpointManager(
-            root / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options)
-        )
-        self.best = ocp.CheckpointManager(root / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+        self.root, self.read_only = root, read_only
+        # A reader leaves orbax's temporary folders alone: they may be a save in progress of a training still running.
+        options = (dict(create=False, enable_async_checkpointing=False, cleanup_tmp_directories=False, read_only=True)
+                   if read_only else dict(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True))
+
+        def manager(name: str, **kw: Any) -> ocp.CheckpointManager | None:
+            if read_only and not (root / name).is_dir():
+                return None
+            return ocp.CheckpointManager(root / name, options=ocp.CheckpointManagerOptions(**kw, **options))
+
+        if read_only and not (root / "checkpoints").is_dir():
+            raise FileNotFoundError(f"{root / 'checkpoints'} does not exist: {workdir} holds no checkpoint")
+        self.latest = manager("checkpoints", max_to_keep=keep)
+        self.best = manager("best", max_to_keep=1)
         self.keep_epochs = tuple(keep_epochs)
         # Opened only where it exists or will be written: reading a run must not add a folder to it.
-        self.kept = (ocp.CheckpointManager(root / "kept", options=ocp.CheckpointManagerOptions(**options))
-                     if keep_epochs or (root / "kept").is_dir() else None)
+        self.kept = manager("kept") if keep_epochs or (root / "kept").is_dir() else None
 
     def save(self, epoch: int, state: PyTree, meta: dict[str, Any], is_best: bool) -> None:
         """Write ``state`` and JSON ``meta`` as epoch ``epoch`` (and as the best one when ``is_best``, and in
@@ -133,7 +147,12 @@ class RunCheckpoints:
 
     def restore_raw(self, best: bool = True, epoch: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return ``(state as nested dicts, meta)`` of the best (else newest, or given 0-based ``epoch``) checkpoint."""
-        mngr = self.best if best and epoch is None and self.best.latest_step() is not None else self.latest
+        has_best = self.best is not None and self.best.latest_step() is not None
+        if best and epoch is None and not has_best and self.read_only:
+            epochs = ", ".join(str(s + 1) for s in self.kept_steps()) or "none"
+            raise FileNotFoundError(f"{self.root} has no best checkpoint (best/ is missing or empty; kept epochs: "
+                                    f"{epochs}); load `--checkpoint latest` or a kept epoch's number")
+        mngr = self.best if best and epoch is None and has_best else self.latest
         step = mngr.latest_step() if epoch is None else epoch
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {mngr.directory}")

@@ -68,7 +68,7 @@ def add_train_args(parser: argparse.ArgumentParser, workdir_default: str | None 
     parser.add_argument("--preset", default="paper", choices=PRESETS)
     parser.add_argument("--epochs", type=positive_int, default=None, help="override the preset's number of epochs")
     parser.add_argument("--batch-size", type=positive_int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=seed_int, default=None)
     parser.add_argument("--focus-sigma", type=focus_sigma, default=None,
                         help="draw training noise levels above this sigma (A) less often, as sigma^-1; 'uniform': "
                              "every level alike, as SPEC 3 (default: 1.0)")
@@ -143,6 +143,18 @@ def checkpoint_choice(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+# Seeds feed jax.random.PRNGKey and numpy's generators (the hops): unsigned 32-bit.
+MAX_SEED = 2**32 - 1
+
+
+def seed_int(text: str) -> int:
+    """Return ``text`` as a seed in 0..2^32-1 (argparse type of every ``--seed``)."""
+    value = int(_number(text, integer=True))
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to {MAX_SEED}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """Return ``text`` as an integer >= 1 (argparse type)."""
     return int(_positive(text, integer=True))
@@ -210,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="sampler preset: 'paper' is SPEC 4 exactly; 'default' the best measured setting; the flags "
                         "below change its stages (symat_jax.configs.SamplerPreset)")
     p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--checkpoint", type=checkpoint_choice, default=None,
                    help="best, latest or a kept epoch's number (default: the preset's choice)")
     p.add_argument("--score-checkpoint", type=checkpoint_choice, default=None,
@@ -222,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("relax", help="relax generated carbon crystals in Tersoff's potential (FIRE) into a new folder")
     p.add_argument("--samples", required=True, help="samples.npz in the CDVAE layout or the folder holding it (only read)")
     p.add_argument("--out", required=True, help="new folder for the relaxed crystals")
-    p.add_argument("--seed", type=int, default=0, help="draws the hops' displacements")
+    p.add_argument("--seed", type=seed_int, default=0, help="draws the hops' displacements")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     add_stage_args(p, ("relax", "hop"), prior=False, optional=("hop",))
@@ -248,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--comp-scaler", default=None, help="comp_scaler.json (default: <data root>/comp_scaler.json)")
     p.add_argument("--workers", type=positive_int, default=None, help="processes for fingerprints (default: all cores)")
     p.add_argument("--num-property-samples", type=positive_int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--batch-idx", type=int, default=0, help="evaluation index of CDVAE files with a leading axis")
     p.add_argument("--subsample", type=positive_int, default=None,
                    help="score this many generated crystals drawn at random (--seed); with the training CSV as "

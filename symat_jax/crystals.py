@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import pathlib
 import zipfile
@@ -19,14 +20,18 @@ import zipfile
 import numpy as np
 
 from symat_jax import ragged
-from symat_jax.ragged import pad_atoms
 from symat_jax.files import read_json
-from symat_jax.geometry import volume_factor
+from symat_jax.geometry import cell_defect, volume_factor
+from symat_jax.ragged import pad_atoms
+
+log = logging.getLogger(__name__)
+
+MAX_ATOMIC_NUMBER = 100  # the decoders' element slots (SPEC 2)
 
 
 def _check_samples(file: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
     """Raise ValueError naming ``file`` when its arrays cannot be crystals (the CDVAE layout's rules)."""
-    num, types = arrays["num_atoms"], arrays["atom_types"]
+    num = arrays["num_atoms"]
     if num.size == 0:
         raise ValueError(f"{file} holds no crystals")
     for name in ("num_atoms", "atom_types"):
@@ -36,9 +41,41 @@ def _check_samples(file: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
             raise ValueError(f"{file}: {name} holds values that are not whole numbers (e.g. {bad.flat[0]})")
     if np.any(num < 0):
         raise ValueError(f"{file}: num_atoms holds a negative count ({int(num.min())})")
-    outside = types[(types < 1) | (types > 118)]
-    if outside.size:
-        raise ValueError(f"{file}: atom_types holds {int(outside[0])}, not an atomic number (1-118)")
+
+
+def read_rejects(path: pathlib.Path) -> list[dict]:
+    """Return the rejects a sampler listed in ``rejects.json`` (none where there is no file; ValueError naming a bad one)."""
+    if not path.exists():
+        return []
+    data = read_json(path)
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path} is not a list of rejected crystals (a JSON list of objects, as symat sample writes)")
+    return data
+
+
+def crystal_problems(num_atoms: np.ndarray, atom_types: np.ndarray, frac_coords: np.ndarray, lengths: np.ndarray,
+                     angles: np.ndarray) -> list[str | None]:
+    """Return per crystal why it cannot be a crystal (None where it can): the one validator of crystal arrays.
+
+    Atoms >= 1, atomic numbers 1..100, finite coordinates, and a cell by
+    :func:`symat_jax.geometry.cell_defect` (finite positive lengths, angles of
+    a positive volume, a volume per atom above the floor). The arrays'
+    shapes must agree (the caller checks the layout).
+    """
+    starts = ragged.starts(num_atoms)
+    out: list[str | None] = []
+    for i, n in enumerate(np.asarray(num_atoms, np.int64)):
+        types, frac = atom_types[starts[i] : starts[i + 1]], frac_coords[starts[i] : starts[i + 1]]
+        if n < 1:
+            out.append("no atoms")
+        elif np.any((types < 1) | (types > MAX_ATOMIC_NUMBER)):
+            out.append(f"atomic number {int(types[(types < 1) | (types > MAX_ATOMIC_NUMBER)][0])} outside "
+                       f"1-{MAX_ATOMIC_NUMBER}")
+        elif not np.all(np.isfinite(frac)):
+            out.append("NaN or infinite fractional coordinate")
+        else:
+            out.append(cell_defect(lengths[i], angles[i], int(n)))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +92,7 @@ class CrystalSet:
     lengths: np.ndarray
     angles: np.ndarray
     num_rejected: int = 0
+    rejects: tuple = ()  # the rejected crystals' records ({"index", "reason", ...}) where known
 
     def __post_init__(self) -> None:
         """Check that the arrays agree with each other."""
@@ -135,6 +173,7 @@ class CrystalSet:
                     raise ValueError(f"{file}: not in the CDVAE layout (missing {', '.join(repr(k) for k in missing)}); "
                                      f"needs {', '.join(keys)}")
                 arrays = {k: z[k] for k in keys}
+                sample_index = z["sample_index"] if "sample_index" in z.files else None
         except (OSError, EOFError, zipfile.BadZipFile) as err:
             raise ValueError(f"{file} is not a readable .npz ({err})") from None
         except ValueError as err:
@@ -143,12 +182,23 @@ class CrystalSet:
             raise ValueError(f"{file} is not a readable .npz ({err})") from None
         if arrays["num_atoms"].ndim == 2:
             arrays = {k: v[batch_idx] for k, v in arrays.items()}
+            sample_index = None
         _check_samples(file, arrays)
-        rejects = folder / "rejects.json"
-        num_rejected = len(read_json(rejects)) if rejects.exists() else 0
+        sample_index = sample_index if sample_index is None else np.asarray(sample_index)
+        earlier = read_rejects(folder / "rejects.json")
         try:
-            return cls(arrays["num_atoms"].astype(np.int64), arrays["atom_types"].astype(np.int64),
-                       arrays["frac_coords"].astype(float), arrays["lengths"].astype(float),
-                       arrays["angles"].astype(float), num_rejected)
+            crystals = cls(arrays["num_atoms"].astype(np.int64), arrays["atom_types"].astype(np.int64),
+                           arrays["frac_coords"].astype(float), arrays["lengths"].astype(float),
+                           arrays["angles"].astype(float))
         except ValueError as err:
             raise ValueError(f"{file}: {err}") from None
+        problems = crystal_problems(crystals.num_atoms, crystals.atom_types, crystals.frac_coords, crystals.lengths,
+                                    crystals.angles)
+        bad = [i for i, p in enumerate(problems) if p is not None]
+        if bad:
+            log.warning("%s: %d of %d crystals are not crystals and count as rejects (first: crystal %d, %s)", file,
+                        len(bad), len(problems), bad[0], problems[bad[0]])
+        good = crystals.subset(np.array([i for i, p in enumerate(problems) if p is None], np.int64))
+        index = sample_index if sample_index is not None and len(sample_index) == len(problems) else range(len(problems))
+        found = tuple({"index": int(index[i]), "reason": problems[i]} for i in bad)
+        return dataclasses.replace(good, num_rejected=len(earlier) + len(bad), rejects=tuple(earlier) + found)

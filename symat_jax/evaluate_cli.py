@@ -21,6 +21,7 @@ from symat_jax import metrics
 from symat_jax.crystals import CrystalSet
 from symat_jax.data import read_csv, registry
 from symat_jax.files import check_new_file, write_text_atomic
+from symat_jax.outputs import check_readable
 
 REQUIRED_KEYS = ("num_samples", "struct_validity", "comp_validity", "cov_recall", "cov_precision",
                  "density_emd", "num_elements_emd", "property_emd")
@@ -47,7 +48,9 @@ def run_evaluate(
     """
     # Every input and the output path are checked before the fingerprints (minutes): no finished work is lost.
     if out:
-        check_new_file(out, "--out")
+        check_report_path(out, [samples, reference, property_model, comp_scaler])
+    if pathlib.Path(samples).is_dir():
+        check_readable(samples)
     t0 = time.perf_counter()
     generated = load_generated(samples, dataset, batch_idx, subsample, seed, workers, progress)
     scaler_path = pathlib.Path(comp_scaler) if comp_scaler else registry.resolve_data_root(data_root) / "comp_scaler.json"
@@ -75,6 +78,24 @@ def run_evaluate(
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(report, indent=1))
     return report
+
+
+def check_report_path(out: str, inputs: list[str | None]) -> None:
+    """Raise ValueError when the report's path is an input, lies inside a samples folder's files, or holds a file that is no report."""
+    path = check_new_file(out, "--out").resolve()
+    for given in filter(None, inputs):
+        source = pathlib.Path(given).resolve()
+        inside = source.is_dir() and path.parent == source and path.name in ("samples.npz", "rejects.json",
+                                                                            "summary.json", ".symat.json")
+        if path == source or inside:
+            raise ValueError(f"--out {out} is an input of this evaluation ({given}); write the report elsewhere")
+    if path.exists():
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            report = None
+        if not isinstance(report, dict) or "cov_recall" not in report:
+            raise ValueError(f"--out {out} exists and is not an evaluation report; choose another file")
 
 
 def load_generated(

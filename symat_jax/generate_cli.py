@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -13,7 +12,7 @@ from pymatgen.io.cif import CifWriter
 
 from symat_jax import configs, sampling
 from symat_jax.data.canonical import to_structure
-from symat_jax.files import check_folder_path
+from symat_jax.outputs import OutputFolder, check_output
 from symat_jax.sampling.stages import Samples
 
 
@@ -28,13 +27,6 @@ def write_samples(samples: Samples, out: str | pathlib.Path, cif: bool = True) -
             CifWriter(to_structure(*samples.crystals.crystal(k))).write_file(out / "cif" / f"{int(i)}.cif")
     (out / "rejects.json").write_text(json.dumps(samples.rejects, indent=1))
     return out
-
-
-def check_output_folder(out: str | pathlib.Path, overwrite: bool) -> None:
-    """Raise ValueError when ``out`` cannot take a new sample set (a file, or a non-empty folder without ``overwrite``)."""
-    out = check_folder_path(out, "--out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} is not empty; choose a new folder or pass --overwrite to replace its contents")
 
 
 def summarize(samples: Samples, run: sampling.SamplingRun, preset: configs.SamplerPreset, *, workdir: str,
@@ -74,20 +66,22 @@ def run_sample(workdir: str, num: int, out: str, *, preset: configs.SamplerPrese
 
     ``preset``: a :class:`~symat_jax.configs.SamplerPreset` or a built-in's
     name; ``score_checkpoint`` takes the score network from another kept
-    checkpoint. A non-empty ``out`` is refused before any work (outputs of two
-    runs never mix) unless ``overwrite``, which clears it once the new samples exist.
+    checkpoint. ``out`` is claimed before any work (:class:`~symat_jax.outputs.OutputFolder`):
+    never the run or a folder around or inside it, a non-empty folder only with
+    ``overwrite`` and only where a symat command wrote it, one writer at a
+    time; the samples appear there whole once everything is written.
     """
     from symat_jax.run import read_config
 
-    check_output_folder(out, overwrite)
+    check_output(out, inputs=[workdir], overwrite=overwrite)
     if isinstance(preset, str):
         preset = configs.get_sampler_preset(read_config(workdir).dataset, preset)
-    t0 = time.perf_counter()
-    run = sampling.load_sampling_run(workdir, preset, score_checkpoint=score_checkpoint)
-    samples = sampling.sample(run, preset, num, seed, batch_size=batch_size, progress=progress)
-    summary = summarize(samples, run, preset, workdir=workdir, seconds=time.perf_counter() - t0)
-    if overwrite and pathlib.Path(out).exists():
-        shutil.rmtree(out)
-    write_samples(samples, out)
-    (pathlib.Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    with OutputFolder(out, command="symat sample", inputs=[workdir], overwrite=overwrite,
+                      record={"workdir": str(workdir), "preset": preset.name, "seed": seed, "num": num}) as tmp:
+        t0 = time.perf_counter()
+        run = sampling.load_sampling_run(workdir, preset, score_checkpoint=score_checkpoint)
+        samples = sampling.sample(run, preset, num, seed, batch_size=batch_size, progress=progress)
+        summary = summarize(samples, run, preset, workdir=workdir, seconds=time.perf_counter() - t0)
+        write_samples(samples, tmp)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -54,7 +54,7 @@ def _lock_owner(lock: pathlib.Path) -> int | None:
         pid = int(json.loads(lock.read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return pid if pid != os.getpid() and _alive(pid) else None
+    return pid if _alive(pid) else None
 
 
 def _overlaps(a: pathlib.Path, b: pathlib.Path) -> bool:
@@ -72,8 +72,13 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
-                 flag: str = "--out") -> pathlib.Path:
-    """Return ``out`` resolved if a command may write it (ValueError naming the problem otherwise); creates nothing."""
+                 flag: str = "--out", locked: bool = False) -> pathlib.Path:
+    """Return ``out`` resolved if a command may write it (ValueError naming the problem otherwise); creates nothing.
+
+    ``locked``: the caller holds ``out``'s lock (its own claim is no other writer).
+    """
+    if not str(out).strip():
+        raise ValueError(f"{flag} is empty; give a folder")
     path = check_folder_path(out, flag).resolve()
     for given in inputs:
         source = pathlib.Path(given).resolve()
@@ -85,7 +90,7 @@ def check_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] 
         if read_manifest(path) is None:
             raise ValueError(f"{flag} {out} holds files no symat command wrote (no {MANIFEST}); --overwrite replaces "
                              "only a folder symat wrote: choose a new folder")
-    owner = _lock_owner(_lock(path))
+    owner = None if locked else _lock_owner(_lock(path))
     if owner is not None:
         raise ValueError(f"{flag} {out} is being written by another command (process {owner}); wait for it or "
                          "choose another folder")
@@ -134,7 +139,7 @@ class OutputFolder:
         try:
             self._recover()
             # Checked again under the lock: another writer may have finished between the check and now.
-            check_output(self.given, overwrite=self.overwrite, flag=self.flag)
+            check_output(self.given, overwrite=self.overwrite, flag=self.flag, locked=True)
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir()

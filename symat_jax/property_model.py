@@ -36,7 +36,7 @@ from symat_jax.data import load_split, registry
 from symat_jax.neighbors import nearest_with_ties, periodic_neighbors, required_image_range
 from symat_jax.networks import NUM_ELEMENTS, SphereNet, swish
 from symat_jax.files import check_folder_path, read_json, write_text_atomic
-from symat_jax.run import TrainState, holds_run, stream_key
+from symat_jax.run import TrainState, check_training_folder, holds_run, stream_key
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -199,7 +199,7 @@ def load_property_model(workdir: str | pathlib.Path) -> PropertyPredictor:
                                 f"`symat train-property --workdir {workdir}`")
     config = PropertyConfig.from_dict(read_json(path, ("dataset", "encoder")))
     stats = PropertyStats.from_json(json.dumps(read_json(workdir / "property_stats.json")))
-    ckpt = RunCheckpoints(workdir)
+    ckpt = RunCheckpoints(workdir, read_only=True)
     state, _ = ckpt.restore_raw(best=True)
     ckpt.close()
     return PropertyPredictor(config, stats, state["params"])
@@ -229,6 +229,7 @@ def train_property(config: PropertyConfig, workdir: str | pathlib.Path, data_roo
         raise ValueError(f"{workdir} already holds a SyMat run; give the property model its own --workdir")
     if not resume and holds_run(workdir):
         raise ValueError(f"{workdir} already holds a run; pass --resume to continue it, or choose another workdir")
+    check_training_folder(workdir, config_path.name)
     if resume and config_path.exists():
         stored = PropertyConfig.from_dict(read_json(config_path))
         if dataclasses.replace(stored, epochs=config.epochs) != config:

@@ -28,6 +28,10 @@ from symat_jax.tersoff import CARBON, CARBON_Z
 
 log = logging.getLogger(__name__)
 
+# The most periodic images one crystal's neighbour search may span (9 x 9 x 9: a cell thinner than a fifth of
+# Tersoff's 2.1 A cut-off needs more). A collapsed cell would ask for terabytes; it stays as it came, untrusted.
+MAX_IMAGE_CELLS = 9**3
+
 
 class Relaxed(NamedTuple):
     """A relaxed crystal set and per crystal: energy per atom (eV), residual force (eV/A), FIRE steps, converged, kept, hops accepted.
@@ -76,6 +80,13 @@ def carbon_rows(crystals: CrystalSet, strict: bool = True) -> np.ndarray:
     return carbon_only
 
 
+def _image_cells(lattice: np.ndarray, cutoff: float) -> float:
+    """Return how many periodic images a neighbour search within ``cutoff`` spans for one cell (inf for a singular one)."""
+    if not np.all(np.isfinite(lattice)) or abs(np.linalg.det(lattice)) < 1e-9:
+        return float("inf")
+    return float(np.prod([2 * r + 1 for r in neighbors.required_image_range(lattice, cutoff)]))
+
+
 def relax_once(crystals: CrystalSet, cfg: RelaxConfig, carbon_only: np.ndarray, batch_size: int = 256,
                progress: bool = True, desc: str = "relax") -> Relaxed:
     """Return ``crystals`` relaxed once (no guard, no hops); untrusted rows and rows not ``carbon_only`` come back unchanged."""
@@ -98,7 +109,13 @@ def relax_once(crystals: CrystalSet, cfg: RelaxConfig, carbon_only: np.ndarray, 
     # Batches of similar size, each padded to its largest crystal rounded up to 4 atoms: most cells hold 6-8
     # atoms, and the pair search grows with the square of the padding.
     order = np.argsort(crystals.num_atoms, kind="stable")
-    for start in tqdm(range(0, c, batch_size), desc=desc, unit="batch", disable=not progress):
+    searchable = np.array([_image_cells(lat, search) <= MAX_IMAGE_CELLS for lat in lattice], bool)
+    if not searchable.all():
+        log.warning("%d crystals have cells too thin to search for neighbours (over %d periodic images): left as "
+                    "they came", int((~searchable).sum()), MAX_IMAGE_CELLS)
+    order = order[searchable[order]]
+    c_run = len(order)
+    for start in tqdm(range(0, c_run, batch_size), desc=desc, unit="batch", disable=not progress):
         rows = order[start:start + batch_size]
         width = min(n_max, -(-int(crystals.num_atoms[rows].max()) // 4) * 4)
         pad = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])]) if c > batch_size else rows

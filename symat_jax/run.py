@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pathlib
+import zipfile
 from typing import Any, NamedTuple
 
 import flax
@@ -95,6 +96,12 @@ def holds_run(workdir: str | pathlib.Path) -> bool:
     return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
+def check_training_folder(workdir: pathlib.Path, config_file: str) -> None:
+    """Raise ValueError when ``workdir`` holds files but no run of this kind (no ``config_file``): training never mixes in."""
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / config_file).exists():
+        raise ValueError(f"{workdir} holds files but no run (no {config_file}); train into a new or empty folder")
+
+
 def read_config(workdir: str | pathlib.Path) -> TrainConfig:
     """Return the config stored in a run folder."""
     path = pathlib.Path(workdir) / CONFIG_FILE
@@ -114,7 +121,13 @@ def read_statics(workdir: str | pathlib.Path) -> RunStatics:
         raise FileNotFoundError(f"{path} does not exist: the run in {workdir} lacks its statics (score normaliser, "
                                 "lattice standardiser); copy it back from a backup of the run")
     data = read_json(path, ("score_norm", "max_images", "element_slots", "lattice"))
-    return RunStatics.from_json(json.dumps(data))
+    try:
+        statics = RunStatics.from_json(json.dumps(data))
+        if len(statics.max_images) != 3 or not all(float(x) > 0 for x in statics.score_norm):
+            raise ValueError("max_images needs 3 entries and score_norm positive values")
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} does not hold a run's statics ({err}); copy it back from a backup of the run") from None
+    return statics
 
 
 def write_statics(workdir: str | pathlib.Path, statics: RunStatics) -> None:
@@ -135,7 +148,7 @@ def checkpoint_choice(text: str) -> str:
 
 def _restore_state(workdir: pathlib.Path, checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return ``(state as nested dicts, meta)`` of one checkpoint; a damaged one is an error naming others to try."""
-    ckpt = RunCheckpoints(workdir)
+    ckpt = RunCheckpoints(workdir, read_only=True)
     try:
         epoch = int(checkpoint) - 1 if checkpoint.isdigit() else None
         return ckpt.restore_raw(best=checkpoint == "best", epoch=epoch)
@@ -188,7 +201,11 @@ def load_prior(workdir: str | pathlib.Path) -> MixturePrior:
     path = pathlib.Path(workdir) / PRIOR_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: fit it with `symat fit-prior --workdir {workdir}`")
-    return MixturePrior.load(path)
+    try:
+        return MixturePrior.load(path)
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable prior ({type(err).__name__}: {err}); refit it with "
+                         f"`symat fit-prior --workdir {workdir}`") from None
 
 
 def export_params(workdir: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib.Path:
@@ -207,7 +224,7 @@ def export_params(workdir: str | pathlib.Path, dest: str | pathlib.Path) -> path
     for name in (CONFIG_FILE, STATICS_FILE, SCORE_NORM_FILE, METRICS_FILE, PRIOR_FILE, PRIOR_REPORT_FILE):
         if (workdir / name).exists():
             shutil.copy2(workdir / name, dest / name)
-    src = RunCheckpoints(workdir)
+    src = RunCheckpoints(workdir, read_only=True)
     out = RunCheckpoints(dest, keep=1)
     try:
         best_state, best_meta = src.restore_raw(best=True)

@@ -307,6 +307,7 @@ def train(
     # as it was (and creates none).
     if not resume and run.holds_run(workdir):
         raise ValueError(f"{workdir} already holds a run; pass --resume to continue it, or choose another workdir")
+    run.check_training_folder(workdir, run.CONFIG_FILE)
     if resume and config_path.exists():
         stored = run.read_config(workdir)
         if stored != config:

@@ -11,12 +11,12 @@ import dataclasses
 import numpy as np
 from typing import TYPE_CHECKING
 
+from symat_jax.crystals import MAX_ATOMIC_NUMBER  # noqa: F401  (the CSV reader checks elements with it)
 from symat_jax.geometry import MIN_VOLUME_PER_ATOM, cell_defect, lattice_matrix_np
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
 
-MAX_ATOMIC_NUMBER = 100
 _SPREAD_TIE_TOL = 1e-9
 
 

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from symat_jax import geometry
 from symat_jax.configs import DecodeConfig, FittedPrior, ModelConfig, PriorConfig, StandardPrior
@@ -119,12 +120,12 @@ def _jitted_decode(model: ModelConfig, prior_cfg: PriorConfig, decode: DecodeCon
 
 def decode_batches(params: Any, key: Array, num: int, *, model: ModelConfig, prior_cfg: PriorConfig,
                    decode: DecodeConfig, statics: RunStatics, batch_size: int = 256,
-                   prior: MixturePrior | None = None) -> DecodedSet:
+                   prior: MixturePrior | None = None, progress: bool = False) -> DecodedSet:
     """Return the ``num`` crystals decoded from ``key`` in batches of ``batch_size`` (the same key, the same crystals)."""
     kz, kd, _ = jax.random.split(key, 3)
     run = _jitted_decode(model, prior_cfg, decode, statics)
     parts = []
-    for start in range(0, num, batch_size):
+    for start in tqdm(range(0, num, batch_size), desc="decoding", unit="batch", disable=not progress or num <= batch_size):
         b = min(batch_size, num - start)
         dec, z_pos = run(params, jax.random.fold_in(kz, start), jax.random.fold_in(kd, start), b, prior)
         parts.append([np.asarray(x) for x in (dec.atom_types, dec.num_atoms, dec.lengths, dec.angles, z_pos)])

@@ -118,18 +118,20 @@ def sample(run: SamplingRun | str | os.PathLike, preset: SamplerPreset | str, nu
     if num < 1 or batch_size < 1:
         raise ValueError(f"num and batch_size must be at least 1, got {num}, {batch_size}")
     check_preset(run, preset)
-    samples = decode(run, preset, num, seed, batch_size=batch_size)
+    samples = decode(run, preset, num, seed, batch_size=batch_size, progress=progress)
     ctx = context(run, seed, batch_size=batch_size, bucket_multiple=bucket_multiple, progress=progress)
     for stage in build_stages(preset.stages):
         samples = stage(samples, ctx)
     return samples
 
 
-def decode(run: SamplingRun, preset: SamplerPreset, num: int, seed: int = 0, *, batch_size: int = 256) -> Samples:
+def decode(run: SamplingRun, preset: SamplerPreset, num: int, seed: int = 0, *, batch_size: int = 256,
+           progress: bool = False) -> Samples:
     """Return the ``num`` decoded crystals of :func:`sample`'s request (types, cells, latents, rejects; coordinates zero)."""
     t0 = time.perf_counter()
     dec = decode_batches(run.params, jax.random.PRNGKey(seed), num, model=run.model, prior_cfg=preset.prior,
-                         decode=preset.decode, statics=run.statics, batch_size=batch_size, prior=run.prior)
+                         decode=preset.decode, statics=run.statics, batch_size=batch_size, prior=run.prior,
+                         progress=progress)
     n = np.array([len(t) for t in dec.atom_types], np.int64)
     types = np.concatenate(dec.atom_types) if dec.atom_types else np.zeros(0, np.int64)
     crystals = CrystalSet(n, types, np.zeros((int(n.sum()), 3), np.float32), dec.lengths, dec.angles, len(dec.rejects))
