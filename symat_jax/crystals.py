@@ -195,6 +195,8 @@ class CrystalSet:
         problems = crystal_problems(crystals.num_atoms, crystals.atom_types, crystals.frac_coords, crystals.lengths,
                                     crystals.angles)
         bad = [i for i, p in enumerate(problems) if p is not None]
+        if len(bad) == len(problems):
+            raise ValueError(f"{file}: none of its {len(problems)} crystals is a crystal (crystal 0: {problems[0]})")
         if bad:
             log.warning("%s: %d of %d crystals are not crystals and count as rejects (first: crystal %d, %s)", file,
                         len(bad), len(problems), bad[0], problems[bad[0]])

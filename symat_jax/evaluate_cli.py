@@ -49,8 +49,9 @@ def run_evaluate(
     # Every input and the output path are checked before the fingerprints (minutes): no finished work is lost.
     if out:
         check_report_path(out, [samples, reference, property_model, comp_scaler])
-    if pathlib.Path(samples).is_dir():
-        check_readable(samples)
+    source = pathlib.Path(samples)
+    if source.suffix != ".csv":
+        check_readable(source.parent if source.suffix == ".npz" else source)
     t0 = time.perf_counter()
     generated = load_generated(samples, dataset, batch_idx, subsample, seed, workers, progress)
     scaler_path = pathlib.Path(comp_scaler) if comp_scaler else registry.resolve_data_root(data_root) / "comp_scaler.json"

@@ -44,8 +44,8 @@ def relax_samples(samples: str | pathlib.Path, out: str | pathlib.Path, cfg: Rel
     with ``overwrite`` and only where a symat command wrote it. Crystals that
     are not crystals (no atoms, a NaN or collapsed cell) join the rejects with their reason.
     """
+    check_readable(samples if pathlib.Path(samples).suffix != ".npz" else pathlib.Path(samples).parent)
     src = _source_file(samples)
-    check_readable(src.parent)
     check_output(out, inputs=[src], overwrite=overwrite)
     crystals = CrystalSet.from_samples(src)
     with np.load(src, allow_pickle=False) as z:

@@ -127,6 +127,7 @@ def main(argv: list[str]) -> int:
     n = np.array([4, 6])
     sample = dict(num_atoms=n, atom_types=np.full(10, 6), frac_coords=rng.random((10, 3)),
                   lengths=np.full((2, 3), 3.0), angles=np.full((2, 3), 90.0))
+    np.savez(files / "samples_ok.npz", **sample)  # a good file, for misuses of good samples
     np.savez(files / "samples_missing_key.npz", **{k: v for k, v in sample.items() if k != "angles"})
     np.savez(files / "samples_float_types.npz", **dict(sample, atom_types=np.full(10, 6.5)))
     np.savez(files / "samples_unknown_element.npz", **dict(sample, atom_types=np.full(10, 140)))
