@@ -16,9 +16,9 @@ from symat_jax.data import registry
 from symat_jax.stage_flags import add_stage_args, apply_stage_args, stage_configs
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Add the dataset and data-root options shared by every sub-command."""
-    parser.add_argument("--dataset", default="carbon_24", choices=sorted(registry.DATASETS))
+def _add_data_args(parser: argparse.ArgumentParser, dataset: str | None = "carbon_24") -> None:
+    """Add the dataset and data-root options shared by every sub-command (``dataset``: the default, None: the run's)."""
+    parser.add_argument("--dataset", default=dataset, choices=sorted(registry.DATASETS))
     parser.add_argument(
         "--data-root",
         default=None,
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     add_stage_args(p, ("relax", "hop"), prior=False, optional=("hop",))
     p = sub.add_parser("fit-prior", help="fit the latent prior of a trained run to its encoded training set")
-    _add_data_args(p)
+    _add_data_args(p, dataset=None)
     p.add_argument("--workdir", required=True)
     p.add_argument("--checkpoint", type=checkpoint_choice, default="latest", help="best, latest or a kept epoch's number")
     p.add_argument("--families", nargs="+", choices=("gmm", "kde"), default=["gmm", "kde"],
@@ -297,6 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              indent=1))
         elif args.command == "fit-prior":
             from symat_jax.latents import fit_prior
+            from symat_jax.run import read_config
+
+            trained = read_config(args.workdir).dataset
+            if args.dataset not in (None, trained):
+                raise ValueError(f"--dataset {args.dataset}: {args.workdir} is a {trained} run; its prior is fitted "
+                                 "on its own dataset (drop --dataset)")
 
             print(json.dumps(fit_prior(args.workdir, args.data_root, args.checkpoint, families=args.families), indent=1))
         elif args.command == "train-property":

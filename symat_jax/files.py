@@ -6,9 +6,26 @@ Host-side only (no JAX): the CSV reader, the metrics and the run folder all use 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
+import zipfile
 from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+# What reading a truncated, foreign or damaged ``.npz`` raises (numpy, zipfile, a missing key).
+UNREADABLE_NPZ = (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile)
+
+
+def set_aside(path: pathlib.Path, why: Exception) -> None:
+    """Move an unreadable cache file out of the way (``<name>.corrupt``, kept for the user) with a warning; it is rebuilt."""
+    aside = path.with_name(path.name + ".corrupt")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        aside = path  # a read-only cache folder: the file stays, and the cache is only ignored
+    log.warning("the cache file %s is unreadable (%s: %s): moved to %s and rebuilt", path, type(why).__name__, why, aside)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -29,7 +29,7 @@ from symat_jax import hostpool
 from symat_jax.crystals import CrystalSet
 from symat_jax.data import registry
 from symat_jax.data.canonical import to_structure
-from symat_jax.files import read_json
+from symat_jax.files import UNREADABLE_NPZ, read_json, set_aside
 from symat_jax.geometry import cell_defect
 
 log = logging.getLogger(__name__)
@@ -296,8 +296,8 @@ def _load_scores(path: pathlib.Path, expected: int) -> CrystalScores | None:
         return None
     try:
         scores = CrystalScores.load(path)
-    except (OSError, ValueError, KeyError) as err:
-        log.warning("ignoring unreadable fingerprint cache %s (%s)", path, err)
+    except UNREADABLE_NPZ as err:
+        set_aside(path, err)
         return None
     return scores if len(scores) == expected else None
 

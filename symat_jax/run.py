@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import pathlib
-import zipfile
 from typing import Any, NamedTuple
 
 import flax
@@ -28,7 +27,7 @@ import jax
 import numpy as np
 
 from symat_jax.checkpoints import DamagedCheckpointError, RunCheckpoints
-from symat_jax.files import read_json, write_text_atomic
+from symat_jax.files import UNREADABLE_NPZ, read_json, write_text_atomic
 from symat_jax.configs import TrainConfig
 from symat_jax.model import SCORE_MODULES
 from symat_jax.prior import MixturePrior
@@ -203,7 +202,7 @@ def load_prior(workdir: str | pathlib.Path) -> MixturePrior:
         raise FileNotFoundError(f"{path} does not exist: fit it with `symat fit-prior --workdir {workdir}`")
     try:
         return MixturePrior.load(path)
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+    except UNREADABLE_NPZ as err:
         raise ValueError(f"{path} is not a readable prior ({type(err).__name__}: {err}); refit it with "
                          f"`symat fit-prior --workdir {workdir}`") from None
 

@@ -159,3 +159,18 @@ def test_seeds_are_bounded_by_the_generators(tmp_path, capsys, seed, ok):
         with pytest.raises(SystemExit):
             cli.main(["sample", "--workdir", str(tmp_path), "--num", "1", "--out", str(tmp_path / "o"), "--seed", seed])
         assert "seed" in capsys.readouterr().err.lower()
+
+
+def test_a_truncated_cache_is_named_set_aside_and_rebuilt(data_root, tmp_path, caplog):
+    from symat_jax.data import read_csv
+
+    from conftest import csv_rows, write_csv
+
+    csv_path = write_csv(tmp_path / "t.csv", csv_rows(data_root / "carbon_24" / "test.csv")[:3])
+    first = read_csv(csv_path, "carbon_24", with_graph=False, cache_dir=tmp_path / "cache", progress=False)
+    (cached,) = [p for p in (tmp_path / "cache").rglob("*.npz")]
+    cached.write_bytes(cached.read_bytes()[:100])
+    again = read_csv(csv_path, "carbon_24", with_graph=False, cache_dir=tmp_path / "cache", progress=False)
+    assert "is unreadable" in caplog.text and str(cached) in caplog.text
+    assert cached.with_name(cached.name + ".corrupt").exists() and cached.exists()  # set aside, then rebuilt
+    np.testing.assert_array_equal(first.frac_coords, again.frac_coords)

@@ -19,6 +19,7 @@ from symat_jax import hostpool, ragged
 from symat_jax.data import registry
 from symat_jax.data.canonical import MAX_ATOMIC_NUMBER, BadCrystalError, CanonicalCrystal, canonicalize
 from symat_jax.crystals import CrystalSet
+from symat_jax.files import UNREADABLE_NPZ, set_aside
 from symat_jax.geometry import cell_defect
 
 log = logging.getLogger(__name__)
@@ -301,8 +302,8 @@ def read_csv(
             if cached.exists():
                 try:
                     data = CrystalDataset.load(cached)
-                except (ValueError, OSError, KeyError) as err:
-                    log.warning("ignoring unreadable cache %s (%s)", cached, err)
+                except UNREADABLE_NPZ as err:
+                    set_aside(cached, err)
                     continue
                 _report_rows(csv_path, data)
                 return data
