@@ -62,6 +62,8 @@ def run_evaluate(
 
         predictor = load_property_model(property_model)
     ref_path = pathlib.Path(reference) if reference else registry.split_path(dataset, "test", data_root)
+    for flag, path in (("--reference", ref_path), ("--samples", pathlib.Path(samples))):
+        _check_dataset_folder(flag, path, dataset)
     ref_data = read_csv(ref_path, dataset, with_graph=False, num_workers=workers, progress=progress)
     report = metrics.evaluate(
         generated, ref_data.crystal_set(), dataset, scaler, predictor,
@@ -79,6 +81,14 @@ def run_evaluate(
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(report, indent=1))
     return report
+
+
+def _check_dataset_folder(flag: str, path: pathlib.Path, dataset: str) -> None:
+    """Raise ValueError when a CSV lies in another known dataset's folder than ``--dataset`` (a mixed-up evaluation)."""
+    other = path.resolve().parent.name
+    if path.suffix == ".csv" and other in registry.DATASETS and other != dataset:
+        raise ValueError(f"{flag} {path} is a {other} split but --dataset is {dataset}; pass --dataset {other} or "
+                         "the matching file")
 
 
 def check_report_path(out: str, inputs: list[str | None]) -> None:
