@@ -22,6 +22,9 @@ from symat_jax import configs
 STAGES: dict[str, type] = {"chain": configs.ChainConfig, "retry": configs.RetryConfig, "relax": configs.RelaxConfig,
                            "hop": configs.HopConfig}
 OPTIONAL_STAGES = ("retry", "relax", "hop")
+# Fields whose values are words: the parser offers (and checks) them.
+CHOICES = {("chain", "step_schedule"): configs.STEP_SCHEDULES, ("chain", "noise_schedule"): configs.NOISE_SCHEDULES,
+           ("relax", "cell"): ("fixed", "free")}
 STAGE_ORDER = tuple(STAGES.values())
 
 
@@ -68,6 +71,9 @@ def _add_field(group: argparse._ArgumentGroup, prefix: str, field: dataclasses.F
         group.add_argument(flag, dest=dest, nargs="+" if optional else len(names), default=None,
                            metavar="V" if optional else tuple(names),
                            help=f"{' '.join(names)}{none} (default: the preset's; built-in default {default})")
+    elif (prefix, field.name) in CHOICES:
+        group.add_argument(flag, dest=dest, default=None, choices=CHOICES[prefix, field.name],
+                           help=f"default: the preset's; built-in default {default!r}")
     else:
         group.add_argument(flag, dest=dest, default=None, metavar=kind.__name__.upper(),
                            help=f"{kind.__name__}{none} (default: the preset's; built-in default {default!r})")

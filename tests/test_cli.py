@@ -57,7 +57,7 @@ def test_train_carbon_reports_missing_data(tmp_path, monkeypatch, capsys):
     (["--chain-band", "0", "0.1", "10"], "band must be 0 < low <= high"),
     (["--chain-band", "0.1"], "--chain-band: takes 3 values"),
     (["--retry-rule", "4", "3", "1.8"], "0 <= low <= high"),
-    (["--relax-cell", "npt"], "cell must be 'fixed' or 'free'"),
+    (["--relax-cell", "npt"], "invalid choice: 'npt'"),
     (["--hop-rounds", "0"], "rounds >= 1"),
     (["--no-hop", "--hop-rounds", "2"], "--no-hop with --hop-rounds: choose one"),
     (["--prior-temperature", "2", "--prior", "standard"], "a setting of the fitted prior"),
