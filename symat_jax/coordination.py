@@ -95,19 +95,21 @@ def rule_shares(rule: CoordinationRule, crystals: CrystalSet, rows: np.ndarray |
 
 
 def keep_proposals(proposed: np.ndarray, rule: CoordinationRule | None, before: CrystalSet, after: CrystalSet,
-                   *, strict: bool = False) -> np.ndarray:
+                   *, strict: bool = False, before_shares: np.ndarray | None = None) -> np.ndarray:
     """Return ``[c]`` where a stage keeps its proposal ``after[i]`` over ``before[i]``: the one accept rule of the sampler.
 
     A proposal is kept where ``proposed`` (it is trusted and better by the
     stage's own measure: a relaxation, a lower energy) and, with a ``rule``,
     where no fewer of its atoms satisfy the rule (``strict``: more). The retry
     (``strict``: its measure is the rule itself), the relaxation's guard and
-    the hops all keep their proposals by it. Counts only the proposed rows.
+    the hops all keep their proposals by it. Counts only the proposed rows;
+    ``before_shares`` (``[c]``, already counted by the caller) spares counting ``before`` again.
     """
     keep = np.asarray(proposed, bool).copy()
     if rule is None:
         return keep
     rows = np.flatnonzero(keep)
-    old, new = rule_shares(rule, before, rows), rule_shares(rule, after, rows)
+    old = rule_shares(rule, before, rows) if before_shares is None else np.asarray(before_shares)[rows]
+    new = rule_shares(rule, after, rows)
     keep[rows] = new > old if strict else new >= old
     return keep

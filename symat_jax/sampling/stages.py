@@ -151,7 +151,8 @@ class Retry:
         """Return the samples with the better of the two chains per retried crystal; ``first_pass`` keeps the first."""
         t0 = time.perf_counter()
         first = samples.crystals
-        rows = np.flatnonzero(rule_shares(self.cfg.rule, first) < 1.0)
+        shares = rule_shares(self.cfg.rule, first)
+        rows = np.flatnonzero(shares < 1.0)
         params = ctx.stage_params.get(self.name, ctx.params)
         out = run_chains(params, jax.random.fold_in(ctx.key, 1), first, samples.index, samples.z_pos, rows,
                          chain=self.chain, model=ctx.model, statics=ctx.statics, batch_size=ctx.batch_size,
@@ -161,7 +162,7 @@ class Retry:
         second = _with_coords(first.subset(rows), [out.frac_coords[i] for i in rows])
         replaced = np.zeros(len(first), bool)
         replaced[rows] = keep_proposals(np.ones(len(rows), bool), self.cfg.rule, first.subset(rows), second,
-                                        strict=True)
+                                        strict=True, before_shares=shares[rows])
         frac = [out.frac_coords[i] if replaced[i] else first.crystal(i)[3] for i in range(len(first))]
         record = {"retried": int(retried.sum()), "replaced": int(replaced.sum()),
                   "compile_seconds": out.compile_seconds, "run_seconds": out.run_seconds,
