@@ -14,6 +14,20 @@ PyTree = Any
 log = logging.getLogger(__name__)
 
 
+class _ReaderNotices(logging.Filter):
+    """Drops orbax's notices that a reader's managers are read-only and its log lines about files it cannot parse
+    (a damaged checkpoint is reported once, as a ``DamagedCheckpointError`` naming it)."""
+
+    NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only", "Failed to json parse")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Return False for the notices above."""
+        return not any(n in record.getMessage() for n in self.NOTICES)
+
+
+logging.getLogger("absl").addFilter(_ReaderNotices())
+
+
 class DamagedCheckpointError(ValueError):
     """A checkpoint whose files cannot be read back (truncated, deleted or corrupted)."""
 
@@ -39,12 +53,14 @@ class RunCheckpoints:
         root = pathlib.Path(workdir).resolve()
         self.root, self.read_only = root, read_only
         # A reader leaves orbax's temporary folders alone: they may be a save in progress of a training still running.
-        options = (dict(create=False, enable_async_checkpointing=False, cleanup_tmp_directories=False, read_only=True)
+        options = (dict(create=False, enable_async_checkpointing=False, cleanup_tmp_directories=False, read_only=True,
+                        save_interval_steps=0)
                    if read_only else dict(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True))
 
         def manager(name: str, **kw: Any) -> ocp.CheckpointManager | None:
             if read_only and not (root / name).is_dir():
                 return None
+            kw = {} if read_only else kw  # a reader keeps no count of checkpoints: it deletes none
             return ocp.CheckpointManager(root / name, options=ocp.CheckpointManagerOptions(**kw, **options))
 
         if read_only and not (root / "checkpoints").is_dir():

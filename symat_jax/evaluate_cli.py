@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import numpy as np
+from pymatgen.core import Element
 
 from symat_jax import metrics
 from symat_jax.crystals import CrystalSet
@@ -65,8 +66,10 @@ def run_evaluate(
     for flag, path in (("--reference", ref_path), ("--samples", pathlib.Path(samples))):
         _check_dataset_folder(flag, path, dataset)
     ref_data = read_csv(ref_path, dataset, with_graph=False, num_workers=workers, progress=progress)
+    ref_set = ref_data.crystal_set()
+    _check_shared_elements(samples, generated, ref_path, ref_set)
     report = metrics.evaluate(
-        generated, ref_data.crystal_set(), dataset, scaler, predictor,
+        generated, ref_set, dataset, scaler, predictor,
         num_property_samples=num_property_samples, seed=seed, workers=workers, progress=progress,
     )
     report.update({
@@ -89,6 +92,15 @@ def _check_dataset_folder(flag: str, path: pathlib.Path, dataset: str) -> None:
     if path.suffix == ".csv" and other in registry.DATASETS and other != dataset:
         raise ValueError(f"{flag} {path} is a {other} split but --dataset is {dataset}; pass --dataset {other} or "
                          "the matching file")
+
+
+def _check_shared_elements(samples: str, generated: CrystalSet, ref_path: pathlib.Path, ref_set: CrystalSet) -> None:
+    """Raise ValueError when the samples and the reference share no element: a reference of another dataset."""
+    ours, theirs = set(np.unique(generated.atom_types).tolist()), set(np.unique(ref_set.atom_types).tolist())
+    if ours and theirs and not ours & theirs:
+        name = lambda zs: ", ".join(Element.from_Z(z).symbol for z in sorted(zs)[:8])  # noqa: E731
+        raise ValueError(f"the samples ({samples}: {name(ours)}) and the reference ({ref_path}: {name(theirs)}) "
+                         "share no element; pass the reference of the samples' dataset")
 
 
 def check_report_path(out: str, inputs: list[str | None]) -> None:

@@ -179,6 +179,9 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best", weights: str
     workdir = pathlib.Path(workdir)
     config = read_config(workdir)
     statics = read_statics(workdir)
+    if statics.dataset is not None and statics.dataset != config.dataset:
+        raise ValueError(f"{workdir / CONFIG_FILE} says {config.dataset} but {workdir / STATICS_FILE} was computed on "
+                         f"{statics.dataset}: the run's files disagree; copy config.json back from a backup of the run")
     state, meta = _restore_state(workdir, checkpoint)
     has_ema = weights == "ema" and state.get("ema_params") is not None and config.ema_decay > 0
     meta["weights"] = "ema" if has_ema else "raw"

@@ -55,6 +55,7 @@ class RunStatics:
     max_images: tuple[int, int, int]
     element_slots: int
     lattice: LatticeStandardizer
+    dataset: str | None = None  # the data they were computed on (None: a run written before it was recorded)
 
     def to_json(self) -> str:
         """Return the statics as JSON."""
@@ -64,6 +65,7 @@ class RunStatics:
                 "max_images": list(self.max_images),
                 "element_slots": self.element_slots,
                 "lattice": json.loads(self.lattice.to_json()),
+                **({"dataset": self.dataset} if self.dataset is not None else {}),
             },
             indent=2,
         )
@@ -77,4 +79,5 @@ class RunStatics:
             tuple(d["max_images"]),
             int(d["element_slots"]),
             LatticeStandardizer.from_json(json.dumps(d["lattice"])),
+            None if d.get("dataset") is None else str(d["dataset"]),
         )

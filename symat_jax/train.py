@@ -277,7 +277,7 @@ def compute_statics(config: TrainConfig, train: CrystalDataset, progress: bool =
         numbers=dense["atomic_numbers"] if config.target_matching == "assignment" else None,
     )
     return RunStatics(tuple(float(x) for x in norm), images, max_elements(train),
-                      LatticeStandardizer.fit(lattice_features(train)))
+                      LatticeStandardizer.fit(lattice_features(train)), config.dataset)
 
 
 def evaluate(trainer: Trainer, params: Any, data: CrystalDataset, budgets: list[PadBudget], seed: int) -> dict[str, float]:

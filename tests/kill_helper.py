@@ -1,8 +1,11 @@
 """Train the tiny test run in a child process, for the kill -9 test of ``test_train.py``.
 
-``python tests/kill_helper.py WORKDIR DATA_CACHE [--resume] [--die-in-save EPOCH --seed S]``:
+``python tests/kill_helper.py WORKDIR DATA_CACHE [--resume] [--die-in-save EPOCH --seed S] [--pause-in-save EPOCH --go FILE]``:
 with ``--die-in-save`` the process sends itself SIGKILL a random few
-milliseconds into writing the checkpoint of that (0-based) epoch.
+milliseconds into writing the checkpoint of that (0-based) epoch; with
+``--pause-in-save`` it stops once that checkpoint's files are written and
+before orbax commits them (renames its temporary folder), writes
+``WORKDIR/../saving``, and goes on when ``FILE`` exists.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import random
 import signal
 import sys
 import threading
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -30,7 +34,21 @@ def main() -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--die-in-save", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pause-in-save", type=int, default=None)
+    p.add_argument("--go", default=None)
     args = p.parse_args()
+    if args.pause_in_save is not None:
+        real_rename, go = os.rename, pathlib.Path(args.go)
+
+        def pausing_rename(src, dst, *a, **k):
+            src, dst = pathlib.Path(src), pathlib.Path(dst)
+            if dst.parent.name == "checkpoints" and dst.name == str(args.pause_in_save) and "tmp" in src.name:
+                (pathlib.Path(args.workdir).parent / "saving").write_text(str(src))
+                while not go.exists():
+                    time.sleep(0.05)
+            return real_rename(src, dst, *a, **k)
+
+        os.rename = pausing_rename
     if args.die_in_save is not None:
         real_save = RunCheckpoints.save
         delay = random.Random(args.seed).uniform(0.0, 0.05)

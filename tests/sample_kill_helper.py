@@ -1,14 +1,17 @@
 """Run ``symat sample`` in a child process that kills itself at a chosen point, for the kill -9 tests of ``test_outputs.py``.
 
-``python tests/sample_kill_helper.py chain|relax|write:N -- SYMAT_ARGS...``: SIGKILL on entering the
-chain, on entering the relaxation, or right after the N-th ``.npz`` file of the output is written.
+``python tests/sample_kill_helper.py chain|relax|write:N|wait:FILE -- SYMAT_ARGS...``: SIGKILL on entering the
+chain, on entering the relaxation, or right after the N-th ``.npz`` file of the output is written; or, with
+``wait:FILE``, pause on entering the chain until ``FILE`` exists and then finish (a writer caught mid-work).
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import sys
+import time
 
 import numpy as np
 
@@ -41,6 +44,14 @@ def main() -> int:
             if len(written) == limit:
                 _die()
         np.savez = dying_savez
+    elif point.startswith("wait:"):
+        go, real_chains = pathlib.Path(point.split(":", 1)[1]), stages.run_chains
+
+        def waiting_chains(*a, **k):
+            while not go.exists():
+                time.sleep(0.05)
+            return real_chains(*a, **k)
+        stages.run_chains = waiting_chains
     else:
         raise SystemExit(f"unknown point {point!r}")
     return cli.main(args)

@@ -44,13 +44,18 @@ def _setup(op: list, fill) -> None:
         dst = pathlib.Path(fill(args[0]))
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(args[1])
-    elif kind in ("truncate", "delete"):
+    elif kind == "json-set":  # (path, key, value): one key of a JSON file changed
+        dst = pathlib.Path(fill(args[0]))
+        dst.write_text(json.dumps({**json.loads(dst.read_text()), args[1]: args[2]}))
+    elif kind in ("truncate", "delete", "zero"):
         paths = [pathlib.Path(p) for p in glob.glob(fill(args[0]))]
         assert paths, f"setup matched nothing: {args[0]}"
         for path in paths:
             if path.is_file():
                 if kind == "delete":
                     path.unlink()
+                elif kind == "zero":  # the bytes of a disk that lost them: same length, all zeros
+                    path.write_bytes(bytes(path.stat().st_size))
                 else:
                     path.write_bytes(path.read_bytes()[: int(args[1])])
     else:
@@ -91,7 +96,7 @@ def test_a_bad_input_is_answered_clearly_and_harms_nothing(case, full_run, tmp_p
     said = captured.out + captured.err + caplog.text
     assert code == case["exit"], said
     assert re.search(case["message"], said), said
-    assert "Traceback" not in said
+    assert "Traceback" not in said and "Task exception" not in said and "absl" not in said
     if "kept" in case:
         assert re.search(case["kept"], captured.out), captured.out
     after = _snapshot(*watched)

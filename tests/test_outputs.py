@@ -87,6 +87,39 @@ def test_a_second_writer_is_refused_and_a_dead_writer_s_lock_is_taken_over(tmp_p
     assert not (tmp_path / ".out.partial").exists() and not (tmp_path / ".out.lock").exists()
 
 
+def test_two_symat_sample_into_one_folder_the_second_is_refused_and_the_first_completes(full_run, tmp_path, capsys):
+    import time
+
+    workdir, _ = full_run
+    out, go = tmp_path / "out", tmp_path / "go"
+    args = ["sample", "--workdir", str(workdir), "--num", "4", "--out", str(out), *FAST]
+    helper = [sys.executable, str(pathlib.Path(__file__).with_name("sample_kill_helper.py")), f"wait:{go}", "--"]
+    first = subprocess.Popen(helper + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / ".out.lock").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / ".out.lock").exists(), first.stderr.read().decode()[-2000:] if first.poll() is not None else ""
+        # The first writer holds the folder, mid-work: a second one is refused with one line and touches nothing.
+        assert cli.main(args[:-len(FAST)] + ["--seed", "5", *FAST]) == 2
+        err = capsys.readouterr().err
+        assert f"being written by another command (process {first.pid})" in err and len(err.strip().splitlines()) == 1
+        assert cli.main(args + ["--overwrite"]) == 2  # --overwrite does not take a folder being written either
+        with pytest.raises(ValueError, match="being written"):
+            check_readable(out)
+        go.touch()
+        assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert json.loads((out / MANIFEST).read_text())["complete"]
+    check_readable(out)  # whole: a reader takes it
+    with np.load(out / "samples.npz") as samples:
+        assert len(samples["num_atoms"]) + len(json.loads((out / "rejects.json").read_text())) == 4
+    assert not (tmp_path / ".out.lock").exists() and not (tmp_path / ".out.partial").exists()
+
+
 @pytest.mark.parametrize("point", ["chain", "relax", "write:2"])
 def test_kill_9_inside_symat_sample_leaves_a_folder_readers_refuse_and_a_rerun_completes(full_run, tmp_path, point):
     workdir, _ = full_run

@@ -508,3 +508,49 @@ def test_the_retry_chain_takes_the_preset_s_kept_epoch_or_says_it_uses_the_sampl
         sampling.load_sampling_run(workdir, preset.replace_stage(configs.RetryConfig(checkpoint="1")))
     plain = sampling.load_sampling_run(workdir, preset.without(configs.RetryConfig))
     assert "retry_epoch" not in plain.epochs and not plain.stage_params
+
+
+def test_sampling_a_run_while_it_writes_a_checkpoint_leaves_the_save_whole_and_the_training_unchanged(
+        full_run, tiny_config, tiny_data, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from symat_jax import cli
+    from test_outputs import CHAIN, _folder_digest
+
+    workdir, _ = full_run
+    run_dir, go = tmp_path / "run", tmp_path / "go"
+    helper = [sys.executable, str(pathlib.Path(__file__).with_name("kill_helper.py")), str(run_dir), str(tmp_path / "cache"),
+              "--pause-in-save", "1", "--go", str(go)]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    child = subprocess.Popen(helper, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.time() + 600
+        while not (tmp_path / "saving").exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "saving").exists(), child.stderr.read().decode()[-2000:] if child.poll() is not None else ""
+        # Epoch 2's checkpoint is written but not committed: orbax's temporary folder, as in any save in progress.
+        saving = pathlib.Path((tmp_path / "saving").read_text())
+        assert saving.is_dir() and "tmp" in saving.name
+        before = _folder_digest(run_dir)
+        out = tmp_path / "samples"
+        assert cli.main(["sample", "--workdir", str(run_dir), "--num", "2", "--out", str(out), "--preset", "paper",
+                         "--prior", "standard", "--checkpoint", "latest", *CHAIN]) == 0
+        assert _folder_digest(run_dir) == before and saving.is_dir()  # the save in progress untouched
+        assert json.loads((out / "summary.json").read_text())["checkpoint_epoch"] == 1  # the newest committed one
+        go.touch()
+        assert child.wait(timeout=600) == 0, child.stderr.read().decode()[-2000:]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    # The paused save committed whole, and the training ran on to the uninterrupted run's parameters.
+    a, meta_a = _params(workdir, tiny_config, tiny_data[0])
+    b, meta_b = _params(run_dir, tiny_config, tiny_data[0])
+    assert meta_a["epoch"] == meta_b["epoch"] == 3
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1", "2", "3"]

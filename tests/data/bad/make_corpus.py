@@ -122,6 +122,10 @@ def main(argv: list[str]) -> int:
     w.writerows(ok)
     (files / "not_utf8.csv").write_bytes(buf.getvalue().encode()[:400] + b"\xff\xfe\xfa" + buf.getvalue().encode()[400:])
     (files / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    with open(shared / "perov_5" / "test.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        perov = [row for _, row in zip(range(3), reader)]
+    _write(files / "perov_reference.csv", perov, fields=list(reader.fieldnames))  # a reference of another dataset
     # Samples files (the CDVAE layout: num_atoms, atom_types, frac_coords, lengths, angles).
     rng = np.random.default_rng(0)
     n = np.array([4, 6])
