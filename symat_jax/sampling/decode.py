@@ -1,8 +1,9 @@
 """Latents and their decoding (SPEC 4): a prior's draws -> atom types, atom counts and lattices.
 
 :func:`sample_latents` and :func:`decode_crystals` are pure and jittable;
-:func:`decode_batches` runs them on the host in batches and lists the
-crystals that cannot be sampled (too many atoms, no usable cell) as rejects.
+on the host :func:`draw_latents` draws a request's latents in batches and
+:func:`decode_latents` decodes any latents (a prior's, or an optimiser's), listing
+the crystals that cannot be sampled (too many atoms, no usable cell) as rejects.
 """
 
 from __future__ import annotations
@@ -107,28 +108,49 @@ class DecodedSet(NamedTuple):
 _DECODE_CACHE: dict[Any, Any] = {}
 
 
-def _jitted_decode(model: ModelConfig, prior_cfg: PriorConfig, decode: DecodeConfig, statics: RunStatics):
-    """Return a jitted ``(params, kz, kd, num, prior) -> (Decoded, z_pos)`` for static configs."""
-    key = (model, prior_cfg, decode, statics)
+def _jitted_latents(model: ModelConfig, prior_cfg: PriorConfig):
+    """Return a jitted ``(key, num, prior) -> Latents`` for static configs."""
+    key = ("latents", model, prior_cfg)
     if key not in _DECODE_CACHE:
-        def run(params, kz, kd, num, prior):
-            z = sample_latents(kz, num, model, prior_cfg, prior)
-            return decode_crystals(params, z, kd, model=model, decode=decode, statics=statics), z.z_pos
-        _DECODE_CACHE[key] = jax.jit(run, static_argnums=(3,))
+        _DECODE_CACHE[key] = jax.jit(lambda k, num, prior: sample_latents(k, num, model, prior_cfg, prior),
+                                     static_argnums=(1,))
     return _DECODE_CACHE[key]
 
 
-def decode_batches(params: Any, key: Array, num: int, *, model: ModelConfig, prior_cfg: PriorConfig,
-                   decode: DecodeConfig, statics: RunStatics, batch_size: int = 256,
-                   prior: MixturePrior | None = None, progress: bool = False) -> DecodedSet:
-    """Return the ``num`` crystals decoded from ``key`` in batches of ``batch_size`` (the same key, the same crystals)."""
-    kz, kd, _ = jax.random.split(key, 3)
-    run = _jitted_decode(model, prior_cfg, decode, statics)
+def _jitted_decode(model: ModelConfig, decode: DecodeConfig, statics: RunStatics):
+    """Return a jitted ``(params, Latents, key) -> Decoded`` for static configs."""
+    key = ("decode", model, decode, statics)
+    if key not in _DECODE_CACHE:
+        _DECODE_CACHE[key] = jax.jit(lambda params, z, k: decode_crystals(params, z, k, model=model, decode=decode,
+                                                                          statics=statics))
+    return _DECODE_CACHE[key]
+
+
+def draw_latents(key: Array, num: int, *, model: ModelConfig, prior_cfg: PriorConfig, batch_size: int = 256,
+                 prior: MixturePrior | None = None) -> Latents:
+    """Return the ``num`` latents of a request (host arrays), drawn in batches of ``batch_size`` from ``key``'s latent stream."""
+    kz = jax.random.split(key, 3)[0]
+    draw = _jitted_latents(model, prior_cfg)
+    parts = [draw(jax.random.fold_in(kz, start), min(batch_size, num - start), prior) for start in range(0, num, batch_size)]
+    return Latents(*(np.concatenate([np.asarray(getattr(p, f)) for p in parts]) for f in Latents._fields))
+
+
+def decode_latents(params: Any, z: Latents, key: Array, *, model: ModelConfig, decode: DecodeConfig,
+                   statics: RunStatics, batch_size: int = 256, progress: bool = False) -> DecodedSet:
+    """Return the crystals decoded from latents ``z`` (host or device arrays ``[num, dim]``) with ``key``'s decoding stream.
+
+    Crystals that cannot be sampled are listed as rejects with their index and
+    reason. Batches of ``batch_size`` take keys by their first index, so a
+    request decodes the same whatever the batch split of its latents' draw.
+    """
+    kd = jax.random.split(key, 3)[1]
+    num = int(np.shape(z.z_comp)[0])
+    run = _jitted_decode(model, decode, statics)
     parts = []
     for start in tqdm(range(0, num, batch_size), desc="decoding", unit="batch", disable=not progress or num <= batch_size):
-        b = min(batch_size, num - start)
-        dec, z_pos = run(params, jax.random.fold_in(kz, start), jax.random.fold_in(kd, start), b, prior)
-        parts.append([np.asarray(x) for x in (dec.atom_types, dec.num_atoms, dec.lengths, dec.angles, z_pos)])
+        chunk = Latents(*(x[start : start + batch_size] for x in z))
+        dec = run(params, chunk, jax.random.fold_in(kd, start))
+        parts.append([np.asarray(x) for x in (dec.atom_types, dec.num_atoms, dec.lengths, dec.angles, chunk.z_pos)])
     types, n, lengths, angles, z_pos = (np.concatenate(p) for p in zip(*parts))
     rejects: list[dict[str, Any]] = []
     ok = np.ones(num, bool)
@@ -141,3 +163,12 @@ def decode_batches(params: Any, key: Array, num: int, *, model: ModelConfig, pri
     accepted = np.flatnonzero(ok)
     return DecodedSet([types[i, : n[i]].astype(np.int64) for i in accepted], lengths[accepted], angles[accepted],
                       z_pos[accepted], accepted, rejects)
+
+
+def decode_batches(params: Any, key: Array, num: int, *, model: ModelConfig, prior_cfg: PriorConfig,
+                   decode: DecodeConfig, statics: RunStatics, batch_size: int = 256,
+                   prior: MixturePrior | None = None, progress: bool = False) -> DecodedSet:
+    """Return the ``num`` crystals decoded from ``key`` in batches of ``batch_size`` (the same key, the same crystals)."""
+    z = draw_latents(key, num, model=model, prior_cfg=prior_cfg, batch_size=batch_size, prior=prior)
+    return decode_latents(params, z, key, model=model, decode=decode, statics=statics, batch_size=batch_size,
+                          progress=progress)

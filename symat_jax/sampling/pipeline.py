@@ -2,7 +2,8 @@
 
 :func:`load_sampling_run` reads what a preset samples from a run folder (its
 checkpoint and weights, the retry's network, the fitted prior);
-:func:`sample` decodes the request and runs the preset's stages in order.
+:func:`sample` decodes the request and runs the preset's stages in order;
+:func:`sample_from_latents` does the same for latents of the caller's (an optimiser's).
 The command line only writes the returned :class:`~symat_jax.sampling.stages.Samples`.
 """
 
@@ -17,11 +18,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from symat_jax.configs import (FittedPrior, ModelConfig, RelaxConfig, RetryConfig, SamplerPreset,
+from symat_jax.configs import (FittedPrior, ModelConfig, RelaxConfig, RetryConfig, SamplerPreset, StandardPrior,
                                get_sampler_preset)
 from symat_jax.crystals import CrystalSet
 from symat_jax.prior import MixturePrior
-from symat_jax.sampling.decode import decode_batches
+from symat_jax.sampling.decode import Latents, decode_latents, draw_latents
 from symat_jax.sampling.schedule import build_schedule
 from symat_jax.sampling.stages import Context, Samples, build_stages
 from symat_jax.statics import RunStatics
@@ -90,35 +91,64 @@ def _builtin_stage(dataset: str, name: str, kind: type) -> Any:
         return None
 
 
-def check_preset(run: SamplingRun, preset: SamplerPreset) -> None:
-    """Raise ValueError when ``run`` cannot sample ``preset`` (before any work)."""
+def check_preset(run: SamplingRun, preset: SamplerPreset, latents_given: bool = False) -> None:
+    """Raise ValueError when ``run`` cannot sample ``preset`` (before any work); ``latents_given``: no prior needed."""
     build_schedule(preset.chain, run.model, run.statics.score_norm)
     if preset.stage(RelaxConfig) is not None and run.dataset not in CARBON_DATASETS:
         raise ValueError(f"the Tersoff relaxation knows carbon only, not {run.dataset}; sample without it (--no-relax)")
-    if isinstance(preset.prior, FittedPrior) and run.prior is None:
+    if isinstance(preset.prior, FittedPrior) and run.prior is None and not latents_given:
         raise ValueError("the preset samples the fitted prior but the run has none (`symat fit-prior`)")
+
+
+def _resolved(run: SamplingRun | str | os.PathLike, preset: SamplerPreset | str,
+              latents_given: bool = False) -> tuple[SamplingRun, SamplerPreset]:
+    """Return the loaded run and preset of :func:`sample`'s arguments (no prior loaded when ``latents_given``)."""
+    if not isinstance(run, SamplingRun):
+        from symat_jax import run as run_folder
+
+        dataset = run_folder.read_config(run).dataset
+        preset = get_sampler_preset(dataset, preset) if isinstance(preset, str) else preset
+        loading = dataclasses.replace(preset, prior=StandardPrior()) if latents_given else preset
+        run = load_sampling_run(run, loading)
+    elif isinstance(preset, str):
+        preset = get_sampler_preset(run.dataset, preset)
+    return run, preset
 
 
 def sample(run: SamplingRun | str | os.PathLike, preset: SamplerPreset | str, num: int, seed: int = 0, *,
            batch_size: int = 256, bucket_multiple: int = 4, progress: bool = True) -> Samples:
     """Return ``num`` crystals of ``preset`` (a preset or a built-in's name) from ``run`` (loaded, or its folder).
 
-    Decodes the request in batches of ``batch_size``, lists the crystals that
-    cannot be sampled as rejects (never dropped silently), then runs the
-    preset's stages in order. The same seed gives the same crystals.
+    Draws the request's latents from the preset's prior and decodes them in
+    batches of ``batch_size``, lists the crystals that cannot be sampled as
+    rejects (never dropped silently), then runs the preset's stages in order.
+    The same seed gives the same crystals.
     """
-    if not isinstance(run, SamplingRun):
-        from symat_jax import run as run_folder
-
-        dataset = run_folder.read_config(run).dataset
-        preset = get_sampler_preset(dataset, preset) if isinstance(preset, str) else preset
-        run = load_sampling_run(run, preset)
-    elif isinstance(preset, str):
-        preset = get_sampler_preset(run.dataset, preset)
+    run, preset = _resolved(run, preset)
     if num < 1 or batch_size < 1:
         raise ValueError(f"num and batch_size must be at least 1, got {num}, {batch_size}")
     check_preset(run, preset)
     samples = decode(run, preset, num, seed, batch_size=batch_size, progress=progress)
+    return _run_stages(run, preset, samples, seed, batch_size, bucket_multiple, progress)
+
+
+def sample_from_latents(run: SamplingRun | str | os.PathLike, preset: SamplerPreset | str, z: Latents, seed: int = 0,
+                        *, batch_size: int = 256, bucket_multiple: int = 4, progress: bool = True) -> Samples:
+    """Return the crystals of given latents ``z`` (``[num, dim]`` each part) through ``preset``'s decoding and stages.
+
+    Crystal ``i`` is decoded, and its chain run, with the keys :func:`sample`
+    gives its ``i``-th crystal for ``seed``: the latents of a ``sample``
+    request give the same crystals here. The preset's prior is not used.
+    """
+    run, preset = _resolved(run, preset, latents_given=True)
+    check_preset(run, preset, latents_given=True)
+    samples = decode_given(run, preset, z, seed, batch_size=batch_size, progress=progress)
+    return _run_stages(run, preset, samples, seed, batch_size, bucket_multiple, progress)
+
+
+def _run_stages(run: SamplingRun, preset: SamplerPreset, samples: Samples, seed: int, batch_size: int,
+                bucket_multiple: int, progress: bool) -> Samples:
+    """Return ``samples`` after the preset's stages, in order."""
     ctx = context(run, seed, batch_size=batch_size, bucket_multiple=bucket_multiple, progress=progress)
     for stage in build_stages(preset.stages):
         samples = stage(samples, ctx)
@@ -128,15 +158,22 @@ def sample(run: SamplingRun | str | os.PathLike, preset: SamplerPreset | str, nu
 def decode(run: SamplingRun, preset: SamplerPreset, num: int, seed: int = 0, *, batch_size: int = 256,
            progress: bool = False) -> Samples:
     """Return the ``num`` decoded crystals of :func:`sample`'s request (types, cells, latents, rejects; coordinates zero)."""
+    z = draw_latents(jax.random.PRNGKey(seed), num, model=run.model, prior_cfg=preset.prior, batch_size=batch_size,
+                     prior=run.prior)
+    return decode_given(run, preset, z, seed, batch_size=batch_size, progress=progress)
+
+
+def decode_given(run: SamplingRun, preset: SamplerPreset, z: Latents, seed: int = 0, *, batch_size: int = 256,
+                 progress: bool = False) -> Samples:
+    """Return the decoded crystals of latents ``z`` for ``seed`` (types, cells, latents, rejects; coordinates zero)."""
     t0 = time.perf_counter()
-    dec = decode_batches(run.params, jax.random.PRNGKey(seed), num, model=run.model, prior_cfg=preset.prior,
-                         decode=preset.decode, statics=run.statics, batch_size=batch_size, prior=run.prior,
-                         progress=progress)
+    dec = decode_latents(run.params, z, jax.random.PRNGKey(seed), model=run.model, decode=preset.decode,
+                         statics=run.statics, batch_size=batch_size, progress=progress)
     n = np.array([len(t) for t in dec.atom_types], np.int64)
     types = np.concatenate(dec.atom_types) if dec.atom_types else np.zeros(0, np.int64)
     crystals = CrystalSet(n, types, np.zeros((int(n.sum()), 3), np.float32), dec.lengths, dec.angles, len(dec.rejects))
     samples = Samples(crystals, dec.index, dec.z_pos, np.zeros(len(n), bool), dec.rejects)
-    return samples.recorded("decode", {"num_requested": num, "num_rejected": len(dec.rejects),
+    return samples.recorded("decode", {"num_requested": int(np.shape(z.z_comp)[0]), "num_rejected": len(dec.rejects),
                                        "seconds": time.perf_counter() - t0})
 
 
