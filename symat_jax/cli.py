@@ -245,6 +245,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--families", nargs="+", choices=("gmm", "kde"), default=["gmm", "kde"],
                    help="candidate densities the validation likelihood chooses among: Gaussian mixtures, kernel "
                         "density estimates (default: both)")
+    p = sub.add_parser("fit-head", help="fit a property head on a trained run's latents (the objective of symat optimize)")
+    _add_data_args(p, dataset=None)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--checkpoint", type=checkpoint_choice, default=None,
+                   help="whose encoder gives the latents (default: the default sampler's checkpoint)")
+    p.add_argument("--weights", choices=("raw", "ema"), default=None)
+    p.add_argument("--epochs", type=positive_int, default=None)
+    p = sub.add_parser("optimize", help="lower a property by gradient steps on test crystals' latents; SR5/10/15 (SPEC 6)")
+    p.add_argument("--workdir", required=True, help="a trained run with a property head (symat fit-head)")
+    p.add_argument("--property-model", required=True, help="workdir of `symat train-property`: the independent judge")
+    p.add_argument("--num", type=positive_int, default=100, help="starts: the first NUM crystals of the test split")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=positive_int, default=5000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--every", type=positive_int, default=500, help="decode z every EVERY steps")
+    p.add_argument("--preset", choices=SAMPLER_PRESETS, default=DEFAULT_SAMPLER_PRESET,
+                   help="the sampler preset that decodes each saved z (its flags below change its stages)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--workers", type=positive_int, default=None, help="processes for fingerprints (default: all cores)")
+    p.add_argument("--tersoff", action=argparse.BooleanOptionalAction, default=None,
+                   help="Tersoff's energy after relaxation as a second judge (default: on for carbon)")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder symat optimize wrote")
+    add_stage_args(p)
     p = sub.add_parser("train-property", help="train the property model used by the evaluation's property EMD")
     _add_data_args(p)
     p.add_argument("--workdir", required=True)
@@ -305,6 +330,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "on its own dataset (drop --dataset)")
 
             print(json.dumps(fit_prior(args.workdir, args.data_root, args.checkpoint, families=args.families), indent=1))
+        elif args.command == "fit-head":
+            from symat_jax.configs import HeadConfig
+            from symat_jax.property_head import fit_run_head
+            from symat_jax.run import read_config
+
+            trained = read_config(args.workdir).dataset
+            if args.dataset not in (None, trained):
+                raise ValueError(f"--dataset {args.dataset}: {args.workdir} is a {trained} run (drop --dataset)")
+            head = HeadConfig(**({"epochs": args.epochs} if args.epochs else {}))
+            print(json.dumps(fit_run_head(args.workdir, args.data_root, args.checkpoint, args.weights, head), indent=1))
+        elif args.command == "optimize":
+            from symat_jax.configs import OptimizeConfig, get_sampler_preset
+            from symat_jax.optimize_cli import run_optimize
+            from symat_jax.run import read_config
+
+            config = OptimizeConfig(args.steps, args.lr, args.every)
+            apply_stage_args(get_sampler_preset("carbon_24", args.preset), args)
+            preset = apply_stage_args(get_sampler_preset(read_config(args.workdir).dataset, args.preset), args)
+            report = run_optimize(args.workdir, args.property_model, args.num, args.out, config=config, preset=preset,
+                                  seed=args.seed, batch_size=args.batch_size, data_root=args.data_root,
+                                  overwrite=args.overwrite, tersoff=args.tersoff, workers=args.workers)
+            print(json.dumps({k: report[k] for k in ("dataset", "num_starts", "thresholds")}, indent=1))
+            for label in ("raw", "final"):
+                r = report[label]
+                print(f"{label:5s}: SR5/10/15 (our split) {r['sr_ours']}, CDVAE thresholds {r['sr_cdvae']}, "
+                      f"validity {r['validity']}, unique best {r['unique_best']}")
         elif args.command == "train-property":
             from symat_jax.configs import get_property_config
             from symat_jax.property_model import train_property

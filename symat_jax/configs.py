@@ -471,6 +471,48 @@ def preset_epochs(dataset: str) -> tuple[int, ...]:
     return tuple(sorted(epochs))
 
 @dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """A property head on the latents (``symat fit-head``): an MLP on ``[z_comp, z_pos, z_lat]`` fitted to the
+    training crystals' posterior means, the best validation epoch kept."""
+
+    hidden: int = 256
+    layers: int = 3
+    epochs: int = 400
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Check the sizes."""
+        for name in ("hidden", "layers", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HeadConfig.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeConfig:
+    """Gradient steps on the latents (``symat optimize``, SPEC 6): Adam for ``steps`` steps, ``z`` saved every ``every``
+    (CDVAE's defaults: 5,000 steps at 1e-3, decoded every 500)."""
+
+    steps: int = 5000
+    learning_rate: float = 1e-3
+    every: int = 500
+
+    def __post_init__(self) -> None:
+        """Check that the saves divide the steps."""
+        if self.steps < 1 or self.every < 1 or self.steps % self.every:
+            raise ValueError(f"steps ({self.steps}) must be a positive multiple of every ({self.every})")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def saved_steps(self) -> tuple[int, ...]:
+        """Return the steps whose ``z`` is saved: the start (0), then every ``every`` steps to ``steps``."""
+        return tuple(range(0, self.steps + 1, self.every))
+
+
+@dataclasses.dataclass(frozen=True)
 class PropertyConfig:
     """Settings of a property-model run."""
 

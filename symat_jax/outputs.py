@@ -23,6 +23,7 @@ from typing import Any, Iterable
 from symat_jax.files import check_folder_path
 
 MANIFEST = ".symat.json"
+REQUEST = ".request.json"  # a resumable command's arguments, in its partial folder
 
 
 def _partial(out: pathlib.Path) -> pathlib.Path:
@@ -121,14 +122,20 @@ class OutputFolder:
     On an error inside the block nothing of ``out`` changes and the partial
     output is removed; after a kill it stays in a hidden sibling that the next
     writer of ``out`` clears, and readers name it (:func:`check_readable`).
+    With ``resume`` (the command's request, JSON-ready) the next writer of the
+    same request keeps what a killed one finished there instead, and an
+    interrupted block (Ctrl-C) leaves it for that rerun.
     """
 
     def __init__(self, out: str | os.PathLike, *, command: str, inputs: Iterable[str | os.PathLike] = (),
-                 overwrite: bool = False, flag: str = "--out", record: dict[str, Any] | None = None) -> None:
+                 overwrite: bool = False, flag: str = "--out", record: dict[str, Any] | None = None,
+                 resume: dict[str, Any] | None = None) -> None:
         """Check ``out`` (:func:`check_output`) for ``command``; nothing is created until the block starts."""
         self.out = check_output(out, inputs=inputs, overwrite=overwrite, flag=flag)
         self.given, self.flag, self.command, self.overwrite = out, flag, command, overwrite
         self.record = dict(record or {})
+        self.resume = None if resume is None else json.loads(json.dumps(resume))
+        self.resumed = False
         self.tmp = _partial(self.out)
         self._locked = False
 
@@ -140,9 +147,21 @@ class OutputFolder:
             self._recover()
             # Checked again under the lock: another writer may have finished between the check and now.
             check_output(self.given, overwrite=self.overwrite, flag=self.flag, locked=True)
+            if self.resume is not None and self.tmp.exists():
+                request = self._request()
+                if request == self.resume:
+                    self.resumed = True
+                    return self.tmp
+                if request is not None and not self.overwrite:
+                    changed = sorted(k for k in set(request) | set(self.resume) if request.get(k) != self.resume.get(k))
+                    raise ValueError(f"{self.flag} {self.given} holds the unfinished output of another request "
+                                     f"(differing in {', '.join(changed)}); rerun that command to finish it, or "
+                                     "pass --overwrite to start this one")
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir()
+            if self.resume is not None:
+                (self.tmp / REQUEST).write_text(json.dumps(self.resume, indent=1))
         except BaseException:
             self._release()
             raise
@@ -152,7 +171,8 @@ class OutputFolder:
         """Put the finished folder in place (manifest last), or remove the partial one after an error."""
         try:
             if kind is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
+                if self.resume is None or not issubclass(kind, KeyboardInterrupt):
+                    shutil.rmtree(self.tmp, ignore_errors=True)
                 return
             manifest = {"command": self.command, "complete": True, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
                         "files": sorted(str(p.relative_to(self.tmp)) for p in self.tmp.rglob("*") if p.is_file()),
@@ -165,6 +185,13 @@ class OutputFolder:
             shutil.rmtree(old, ignore_errors=True)
         finally:
             self._release()
+
+    def _request(self) -> Any:
+        """Return the request a killed writer recorded in the partial folder (None where there is none)."""
+        try:
+            return json.loads((self.tmp / REQUEST).read_text())
+        except (OSError, ValueError):
+            return None
 
     def _recover(self) -> None:
         """Finish or undo a swap that a kill interrupted (the old folder set aside, the new one not yet in place)."""

@@ -1,7 +1,8 @@
-"""Run ``symat sample`` in a child process that kills itself at a chosen point, for the kill -9 tests of ``test_outputs.py``.
+"""Run a ``symat`` command in a child process that kills itself at a chosen point, for the kill -9 tests.
 
-``python tests/sample_kill_helper.py chain|relax|write:N|wait:FILE -- SYMAT_ARGS...``: SIGKILL on entering the
-chain, on entering the relaxation, or right after the N-th ``.npz`` file of the output is written; or, with
+``python tests/sample_kill_helper.py chain|relax|write:N|decode:N|wait:FILE -- SYMAT_ARGS...``: SIGKILL on entering
+the chain, on entering the relaxation, right after the N-th ``.npz`` file of the output is written, or (``symat
+optimize``) on entering its N-th decode of a saved step; or, with
 ``wait:FILE``, pause on entering the chain until ``FILE`` exists and then finish (a writer caught mid-work).
 """
 
@@ -44,6 +45,17 @@ def main() -> int:
             if len(written) == limit:
                 _die()
         np.savez = dying_savez
+    elif point.startswith("decode:"):
+        from symat_jax import optimize_cli
+
+        limit, calls, real_decode = int(point.split(":")[1]), [], optimize_cli._decode_step
+
+        def dying_decode(*a, **k):
+            calls.append(1)
+            if len(calls) == limit:
+                _die()
+            return real_decode(*a, **k)
+        optimize_cli._decode_step = dying_decode
     elif point.startswith("wait:"):
         go, real_chains = pathlib.Path(point.split(":", 1)[1]), stages.run_chains
 
