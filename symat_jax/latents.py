@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 import pathlib
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +62,32 @@ def encode_means(params: Any, config: TrainConfig, statics: run.RunStatics, data
         z = np.asarray(encode(params, batch["enc"], jnp.asarray(batch["lattice_std"])))
         out.append(z[np.asarray(batch["crystal_mask"])])
     return np.concatenate(out)
+
+
+class EncodedSplits(NamedTuple):
+    """A run's training and validation splits (as it was trained: ``max_train`` applied) and their posterior means."""
+
+    run: run.LoadedRun
+    train: CrystalDataset
+    val: CrystalDataset
+    train_z: np.ndarray
+    val_z: np.ndarray
+
+
+def encode_splits(workdir: str | pathlib.Path, checkpoint: str, weights: str, data_root: str | None = None,
+                  datasets: tuple[CrystalDataset, CrystalDataset] | None = None, progress: bool = True) -> EncodedSplits:
+    """Return the run's training and validation crystals encoded by the checkpoint's encoder (``datasets`` given or read)."""
+    loaded = run.load_run(workdir, checkpoint, weights)
+    config = loaded.config
+    if datasets is None:
+        train = load_split(config.dataset, "train", data_root, progress=progress)
+        val = load_split(config.dataset, "val", data_root, progress=progress)
+    else:
+        train, val = datasets
+    if config.max_train is not None:
+        train = train.subset(np.arange(min(config.max_train, len(train))))
+    return EncodedSplits(loaded, train, val, encode_means(loaded.params, config, loaded.statics, train),
+                         encode_means(loaded.params, config, loaded.statics, val))
 
 
 def _as_prior(gmm: Any) -> MixturePrior:
@@ -160,16 +186,8 @@ def fit_prior(
         raise ValueError(f"prior families must be a non-empty subset of {PRIOR_FAMILIES}, got {list(families)}")
     workdir = pathlib.Path(workdir)
     weights = weights or get_sampler_preset(run.read_config(workdir).dataset, "default").weights
-    config, statics, params, meta = run.load_run(workdir, checkpoint, weights)
-    if datasets is None:
-        train = load_split(config.dataset, "train", data_root, progress=progress)
-        val = load_split(config.dataset, "val", data_root, progress=progress)
-    else:
-        train, val = datasets
-    if config.max_train is not None:
-        train = train.subset(np.arange(min(config.max_train, len(train))))
-    train_z = encode_means(params, config, statics, train)
-    val_z = encode_means(params, config, statics, val)
+    encoded = encode_splits(workdir, checkpoint, weights, data_root, datasets, progress)
+    config, meta, train_z, val_z = encoded.run.config, encoded.run.meta, encoded.train_z, encoded.val_z
     prior, table = fit_mixture(train_z, val_z, seed=config.seed,
                                components=COMPONENTS if "gmm" in families else (),
                                bandwidths=KDE_BANDWIDTHS if "kde" in families else ())

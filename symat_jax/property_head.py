@@ -162,21 +162,14 @@ def fit_run_head(workdir: str | pathlib.Path, data_root: str | None = None, chec
     """
     from symat_jax import run
     from symat_jax.configs import get_sampler_preset
-    from symat_jax.data import load_split
-    from symat_jax.latents import encode_means
+    from symat_jax.latents import encode_splits
 
     workdir = pathlib.Path(workdir)
     preset = get_sampler_preset(run.read_config(workdir).dataset, "default")
     checkpoint, weights = checkpoint or preset.checkpoint, weights or preset.weights
-    train_config, statics, params, meta = run.load_run(workdir, checkpoint, weights)
-    if datasets is None:
-        train = load_split(train_config.dataset, "train", data_root, progress=progress)
-        val = load_split(train_config.dataset, "val", data_root, progress=progress)
-    else:
-        train, val = datasets
-    train_z = encode_means(params, train_config, statics, train)
-    val_z = encode_means(params, train_config, statics, val)
-    head, record = fit_head(train_z, train.properties, val_z, val.properties, config, dataset=train_config.dataset,
+    encoded = encode_splits(workdir, checkpoint, weights, data_root, datasets, progress)
+    train, val, train_z, val_z, meta = encoded.train, encoded.val, encoded.train_z, encoded.val_z, encoded.run.meta
+    head, record = fit_head(train_z, train.properties, val_z, val.properties, config, dataset=encoded.run.config.dataset,
                             property_column=train.property_column, progress=progress)
     report = {"checkpoint": checkpoint, "checkpoint_epoch": int(meta["epoch"]) + 1, "weights": meta["weights"],
               "dim": int(train_z.shape[1]), **record}
