@@ -248,9 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("fit-head", help="fit a property head on a trained run's latents (the objective of symat optimize)")
     _add_data_args(p, dataset=None)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--checkpoint", type=checkpoint_choice, default=None,
-                   help="whose encoder gives the latents (default: the default sampler's checkpoint)")
-    p.add_argument("--weights", choices=("raw", "ema"), default=None)
+    p.add_argument("--preset", choices=SAMPLER_PRESETS, default=DEFAULT_SAMPLER_PRESET,
+                   help="the sampler preset symat optimize will decode with: its checkpoint and weights encode the latents")
+    p.add_argument("--checkpoint", type=checkpoint_choice, default=None, help="instead of the preset's checkpoint")
+    p.add_argument("--weights", choices=("raw", "ema"), default=None, help="instead of the preset's weights")
     p.add_argument("--epochs", type=positive_int, default=None)
     p = sub.add_parser("optimize", help="lower a property by gradient steps on test crystals' latents; SR5/10/15 (SPEC 6)")
     p.add_argument("--workdir", required=True, help="a trained run with a property head (symat fit-head)")
@@ -339,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.dataset not in (None, trained):
                 raise ValueError(f"--dataset {args.dataset}: {args.workdir} is a {trained} run (drop --dataset)")
             head = HeadConfig(**({"epochs": args.epochs} if args.epochs else {}))
-            print(json.dumps(fit_run_head(args.workdir, args.data_root, args.checkpoint, args.weights, head), indent=1))
+            print(json.dumps(fit_run_head(args.workdir, args.data_root, args.checkpoint, args.weights, head,
+                                          preset=args.preset), indent=1))
         elif args.command == "optimize":
             from symat_jax.configs import OptimizeConfig, get_sampler_preset
             from symat_jax.optimize_cli import run_optimize

@@ -90,14 +90,14 @@ def _load_step(folder: pathlib.Path, step: int) -> tuple[dict, dict, list]:
     return final, raw, json.loads((folder / f"step_{step:06d}.rejects.json").read_text())
 
 
-def check_optimize_inputs(workdir: str, property_model: str, num: int, data_root: str | None) -> tuple[str, Any, Any]:
-    """Return ``(dataset, head, property model)`` after checking every input of ``symat optimize`` (before any work)."""
+def check_optimize_inputs(workdir: str, property_model: str) -> tuple[str, Any, dict[str, Any], Any]:
+    """Return ``(dataset, head, its report, property model)`` after checking the inputs of ``symat optimize``."""
     from symat_jax.property_head import load_head
     from symat_jax.property_model import load_property_model
     from symat_jax.run import read_config
 
     dataset = read_config(workdir).dataset
-    head, _ = load_head(workdir)
+    head, head_report = load_head(workdir)
     if head.dataset != dataset:
         raise ValueError(f"the property head of {workdir} predicts {head.dataset}, but the run is {dataset}; refit it "
                          f"with `symat fit-head --workdir {workdir}`")
@@ -105,7 +105,18 @@ def check_optimize_inputs(workdir: str, property_model: str, num: int, data_root
     if predictor.config.dataset != dataset:
         raise ValueError(f"--property-model {property_model} judges {predictor.config.dataset}, but {workdir} is a "
                          f"{dataset} run; pass a property model of {dataset}")
-    return dataset, head, predictor
+    return dataset, head, head_report, predictor
+
+
+def check_head_latents(head_report: dict[str, Any], run: sampling.SamplingRun, preset: SamplerPreset,
+                       workdir: str) -> None:
+    """Raise ValueError when the head was fitted on other latents than the preset's checkpoint and weights encode."""
+    fitted = (head_report.get("checkpoint_epoch"), head_report.get("weights"))
+    decoded = (run.epochs.get("checkpoint_epoch"), run.epochs.get("weights"))
+    if fitted != decoded:
+        raise ValueError(f"the property head of {workdir} was fitted on the latents of epoch {fitted[0]} ({fitted[1]} "
+                         f"weights) but the preset {preset.name} encodes and decodes with epoch {decoded[0]} "
+                         f"({decoded[1]}); refit it with `symat fit-head --workdir {workdir} --preset {preset.name}`")
 
 
 def run_optimize(workdir: str, property_model: str, num: int, out: str, *,
@@ -119,7 +130,7 @@ def run_optimize(workdir: str, property_model: str, num: int, out: str, *,
     carbon) adds the second judge.
     """
     check_output(out, inputs=[workdir, property_model], overwrite=overwrite)
-    dataset, head, predictor = check_optimize_inputs(workdir, property_model, num, data_root)
+    dataset, head, head_report, predictor = check_optimize_inputs(workdir, property_model)
     preset = configs.get_sampler_preset(dataset, preset) if isinstance(preset, str) else preset
     tersoff = dataset in CARBON_DATASETS if tersoff is None else tersoff
     if tersoff and dataset not in CARBON_DATASETS:
@@ -140,6 +151,7 @@ def run_optimize(workdir: str, property_model: str, num: int, out: str, *,
         from symat_jax.run import read_config
 
         run = sampling.load_sampling_run(workdir, dataclasses.replace(preset, prior=configs.StandardPrior()))
+        check_head_latents(head_report, run, preset, workdir)
         starts = test.subset(np.arange(num))
         z0 = encode_means(run.params, read_config(workdir), run.statics, starts)
         traj = jax.jit(lambda z: optimize(head.predict, z, config))(z0)

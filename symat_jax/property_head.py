@@ -154,19 +154,20 @@ def load_head(workdir: str | pathlib.Path) -> tuple[PropertyHead, dict[str, Any]
 
 def fit_run_head(workdir: str | pathlib.Path, data_root: str | None = None, checkpoint: str | None = None,
                  weights: str | None = None, config: HeadConfig = HeadConfig(), datasets: tuple | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, preset: str = "default") -> dict[str, Any]:
     """Fit the head of a trained run on its encoded training split, write it into the run, and return the report.
 
-    The latents come from the encoder of the ``default`` sampler's checkpoint
-    and weights (unless given): those ``symat optimize`` starts from and decodes.
+    The latents come from the encoder of the sampler ``preset``'s checkpoint
+    and weights (unless given): those ``symat optimize`` with that preset
+    starts from and decodes (it refuses a head of other latents).
     """
     from symat_jax import run
     from symat_jax.configs import get_sampler_preset
     from symat_jax.latents import encode_splits
 
     workdir = pathlib.Path(workdir)
-    preset = get_sampler_preset(run.read_config(workdir).dataset, "default")
-    checkpoint, weights = checkpoint or preset.checkpoint, weights or preset.weights
+    chosen = get_sampler_preset(run.read_config(workdir).dataset, preset)
+    checkpoint, weights = checkpoint or chosen.checkpoint, weights or chosen.weights
     encoded = encode_splits(workdir, checkpoint, weights, data_root, datasets, progress)
     train, val, train_z, val_z, meta = encoded.train, encoded.val, encoded.train_z, encoded.val_z, encoded.run.meta
     head, record = fit_head(train_z, train.properties, val_z, val.properties, config, dataset=encoded.run.config.dataset,

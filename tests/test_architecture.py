@@ -17,7 +17,8 @@ FORBIDDEN = ("pymatgen", "symat_jax.train", "symat_jax.data.dataset", "symat_jax
              "symat_jax.input_pipeline", "symat_jax.run", "symat_jax.checkpoints", "orbax", "matminer", "smact")
 JIT_SIDE = ["symat_jax.networks", "symat_jax.model", "symat_jax.sampling", "symat_jax.sampling.chain",
             "symat_jax.sampling.schedule", "symat_jax.graphs", "symat_jax.tersoff", "symat_jax.fire", "symat_jax.relax",
-            "symat_jax.statics", "symat_jax.crystals", "symat_jax.configs"]
+            "symat_jax.statics", "symat_jax.crystals", "symat_jax.configs", "symat_jax.optimize",
+            "symat_jax.property_head"]
 
 
 def _loaded_after(code: str) -> list[str]:

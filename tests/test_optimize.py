@@ -85,7 +85,7 @@ def optimizable(full_run, tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("optimizable")
     run = root / "run"
     shutil.copytree(full_run[0], run)
-    fit_run_head(run, config=HeadConfig(epochs=30), datasets=tiny_data, progress=False)
+    fit_run_head(run, config=HeadConfig(epochs=30), datasets=tiny_data, progress=False, preset="paper")
     judge = root / "judge"
     assert cli.main(["train-property", "--workdir", str(judge), "--preset", "quick", "--data-root", str(ROOT)]) == 0
     return run, judge
@@ -158,4 +158,6 @@ def test_symat_optimize_refuses_bad_input_and_writes_nothing(optimizable, full_r
     assert "judges perov_5, but" in capsys.readouterr().err
     assert cli.main(_optimize_args(run, judge, out, "--steps", "25")) == 2
     assert "multiple of every" in capsys.readouterr().err
+    assert cli.main(_optimize_args(run, judge, out, "--preset", "default")) == 2  # other latents than the head's
+    assert "refit it with `symat fit-head" in capsys.readouterr().err
     assert not out.exists() and not any(p.name.startswith(".o.") for p in tmp_path.iterdir())
