@@ -53,6 +53,13 @@ class NeighborList(NamedTuple):
         return jnp.where(self.mask, rows, n)
 
 
+def image_cells(lattice: np.ndarray, cutoff: float) -> float:
+    """Return how many periodic images a neighbour search within ``cutoff`` spans for one cell (inf for a singular one)."""
+    if not np.all(np.isfinite(lattice)) or abs(np.linalg.det(lattice)) < 1e-9:
+        return float("inf")
+    return float(np.prod([2 * r + 1 for r in required_image_range(lattice, cutoff)]))
+
+
 def required_image_range(lattice: np.ndarray, cutoff: float) -> ImageRange:
     """Return the per-axis image range that finds every neighbour within ``cutoff``.
 

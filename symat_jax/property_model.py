@@ -33,13 +33,14 @@ from symat_jax.checkpoints import RunCheckpoints, start_run
 from symat_jax.configs import PropertyConfig
 from symat_jax.crystals import CrystalSet
 from symat_jax.data import load_split, registry
-from symat_jax.neighbors import nearest_with_ties, periodic_neighbors, required_image_range
+from symat_jax.neighbors import image_cells, nearest_with_ties, periodic_neighbors, required_image_range
 from symat_jax.networks import NUM_ELEMENTS, SphereNet, swish
 from symat_jax.files import check_folder_path, read_json, write_text_atomic
 from symat_jax.run import TrainState, check_training_folder, holds_run, stream_key
 
 log = logging.getLogger(__name__)
 Array = jax.Array
+MAX_IMAGE_CELLS = 11**3  # images a prediction may search: a 6 A cut-off in cells of about 1.2 A and up
 
 
 class PropertyNet(nn.Module):
@@ -169,6 +170,16 @@ class PropertyPredictor:
         """Return the predicted property of every crystal (padded to the larger of max_atoms and the set's largest)."""
         if len(crystals) == 0:
             return np.zeros(0)
+        # A collapsed cell would need thousands of periodic images (and the whole set's graph with it): NaN instead.
+        lattices = np.asarray(geometry.lattice_matrix(np.asarray(crystals.lengths, float), np.asarray(crystals.angles, float)))
+        searchable = np.array([image_cells(lat, self.config.encoder.cutoff) <= MAX_IMAGE_CELLS for lat in lattices])
+        if not searchable.all():
+            log.warning("%d crystals have cells too thin for the property model's neighbour search (over %d "
+                        "periodic images): their prediction is NaN", int((~searchable).sum()), MAX_IMAGE_CELLS)
+            out = np.full(len(crystals), np.nan)
+            keep = np.flatnonzero(searchable)
+            out[keep] = self(crystals.subset(keep), progress) if len(keep) else []
+            return out
         n = max(self.config.max_atoms, int(crystals.num_atoms.max()))
         dense = crystals.dense(n)
         images = tuple(max(a, b) for a, b in zip(self.stats.max_images, _image_range(

@@ -80,13 +80,6 @@ def carbon_rows(crystals: CrystalSet, strict: bool = True) -> np.ndarray:
     return carbon_only
 
 
-def _image_cells(lattice: np.ndarray, cutoff: float) -> float:
-    """Return how many periodic images a neighbour search within ``cutoff`` spans for one cell (inf for a singular one)."""
-    if not np.all(np.isfinite(lattice)) or abs(np.linalg.det(lattice)) < 1e-9:
-        return float("inf")
-    return float(np.prod([2 * r + 1 for r in neighbors.required_image_range(lattice, cutoff)]))
-
-
 def relax_once(crystals: CrystalSet, cfg: RelaxConfig, carbon_only: np.ndarray, batch_size: int = 256,
                progress: bool = True, desc: str = "relax") -> Relaxed:
     """Return ``crystals`` relaxed once (no guard, no hops); untrusted rows and rows not ``carbon_only`` come back unchanged."""
@@ -109,7 +102,7 @@ def relax_once(crystals: CrystalSet, cfg: RelaxConfig, carbon_only: np.ndarray, 
     # Batches of similar size, each padded to its largest crystal rounded up to 4 atoms: most cells hold 6-8
     # atoms, and the pair search grows with the square of the padding.
     order = np.argsort(crystals.num_atoms, kind="stable")
-    searchable = np.array([_image_cells(lat, search) <= MAX_IMAGE_CELLS for lat in lattice], bool)
+    searchable = np.array([neighbors.image_cells(lat, search) <= MAX_IMAGE_CELLS for lat in lattice], bool)
     if not searchable.all():
         log.warning("%d crystals have cells too thin to search for neighbours (over %d periodic images): left as "
                     "they came", int((~searchable).sum()), MAX_IMAGE_CELLS)

@@ -127,3 +127,14 @@ def test_symat_evaluate_end_to_end(trained, tiny_perov, tmp_path, monkeypatch, c
     bad[2] = str(tmp_path / "bad")
     assert cli.main(bad) == 2
     assert "samples.npz" in capsys.readouterr().err
+
+
+def test_a_collapsed_cell_gets_no_prediction_and_changes_no_other(test_splits):
+    crystals = test_splits["perov_5"].crystal_set().subset(np.arange(6))
+    predict = _random_predictor(crystals)
+    alone = predict(crystals)
+    lengths = crystals.lengths.copy()
+    lengths[2] = [0.3, 0.3, 0.3]  # a 6 A search would span over 40^3 images
+    collapsed = CrystalSet(crystals.num_atoms, crystals.atom_types, crystals.frac_coords, lengths, crystals.angles)
+    out = predict(collapsed)
+    assert np.isnan(out[2]) and np.allclose(np.delete(out, 2), np.delete(alone, 2), atol=1e-5)
