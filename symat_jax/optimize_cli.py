@@ -54,14 +54,8 @@ def _savez_atomic(path: pathlib.Path, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _arrays(c: CrystalSet, start: np.ndarray, step: int) -> dict[str, np.ndarray]:
-    """Return a crystal set in the CDVAE layout with each crystal's start index and step."""
-    return {"num_atoms": c.num_atoms, "atom_types": c.atom_types, "frac_coords": c.frac_coords, "lengths": c.lengths,
-            "angles": c.angles, "start": np.asarray(start, np.int64), "step": np.full(len(c), step, np.int64)}
-
-
 def _crystals(arrays: dict[str, np.ndarray]) -> CrystalSet:
-    """Return the crystal set of :func:`_arrays`' layout."""
+    """Return the crystal set of a decoded step's arrays (the CDVAE layout plus start and step)."""
     return CrystalSet(*(np.asarray(arrays[k]) for k in CDVAE_KEYS))
 
 
@@ -76,11 +70,14 @@ def _decode_step(run: sampling.SamplingRun, preset: SamplerPreset, z: np.ndarray
     c, p = run.model.latent_comp, run.model.latent_pos
     latents = sampling.Latents(z[:, :c], z[:, c : c + p], z[:, c + p :])
     samples = sampling.sample_from_latents(run, preset, latents, seed, batch_size=batch_size, progress=progress)
-    raw = samples.unrelaxed if samples.unrelaxed is not None else samples.crystals
     rejects = [dict(r, start=int(r["index"]), step=step) for r in samples.rejects]
     (folder / f"step_{step:06d}.rejects.json").write_text(json.dumps(rejects))
-    _savez_atomic(folder / f"step_{step:06d}.raw.npz", **_arrays(raw, samples.index, step))
-    _savez_atomic(folder / f"step_{step:06d}.npz", **_arrays(samples.crystals, samples.index, step))
+    # The CDVAE layout with each crystal's start (its sample index) and step; raw: as the chain and retry left it.
+    for name, which in ((f"step_{step:06d}.raw.npz", "unrelaxed" if samples.unrelaxed is not None else "crystals"),
+                        (f"step_{step:06d}.npz", "crystals")):
+        arrays = samples.cdvae(which)
+        arrays["start"] = arrays.pop("sample_index").astype(np.int64)
+        _savez_atomic(folder / name, **arrays, step=np.full(len(arrays["start"]), step, np.int64))
 
 
 def _load_step(folder: pathlib.Path, step: int) -> tuple[dict, dict, list]:
@@ -90,13 +87,14 @@ def _load_step(folder: pathlib.Path, step: int) -> tuple[dict, dict, list]:
     return final, raw, json.loads((folder / f"step_{step:06d}.rejects.json").read_text())
 
 
-def check_optimize_inputs(workdir: str, property_model: str) -> tuple[str, Any, dict[str, Any], Any]:
-    """Return ``(dataset, head, its report, property model)`` after checking the inputs of ``symat optimize``."""
+def check_optimize_inputs(workdir: str, property_model: str) -> tuple[Any, Any, dict[str, Any], Any]:
+    """Return ``(the run's training config, head, its report, property model)`` after checking the inputs of ``symat optimize``."""
     from symat_jax.property_head import load_head
     from symat_jax.property_model import load_property_model
     from symat_jax.run import read_config
 
-    dataset = read_config(workdir).dataset
+    train_config = read_config(workdir)
+    dataset = train_config.dataset
     head, head_report = load_head(workdir)
     if head.dataset != dataset:
         raise ValueError(f"the property head of {workdir} predicts {head.dataset}, but the run is {dataset}; refit it "
@@ -105,7 +103,7 @@ def check_optimize_inputs(workdir: str, property_model: str) -> tuple[str, Any, 
     if predictor.config.dataset != dataset:
         raise ValueError(f"--property-model {property_model} judges {predictor.config.dataset}, but {workdir} is a "
                          f"{dataset} run; pass a property model of {dataset}")
-    return dataset, head, head_report, predictor
+    return train_config, head, head_report, predictor
 
 
 def check_head_latents(head_report: dict[str, Any], run: sampling.SamplingRun, preset: SamplerPreset,
@@ -130,7 +128,8 @@ def run_optimize(workdir: str, property_model: str, num: int, out: str, *,
     carbon) adds the second judge.
     """
     check_output(out, inputs=[workdir, property_model], overwrite=overwrite)
-    dataset, head, head_report, predictor = check_optimize_inputs(workdir, property_model)
+    train_config, head, head_report, predictor = check_optimize_inputs(workdir, property_model)
+    dataset = train_config.dataset
     preset = configs.get_sampler_preset(dataset, preset) if isinstance(preset, str) else preset
     tersoff = dataset in CARBON_DATASETS if tersoff is None else tersoff
     if tersoff and dataset not in CARBON_DATASETS:
@@ -148,12 +147,11 @@ def run_optimize(workdir: str, property_model: str, num: int, out: str, *,
                       record={"workdir": str(workdir), "preset": preset.name, "seed": seed, "num": num},
                       resume=request) as tmp:
         from symat_jax.latents import encode_means
-        from symat_jax.run import read_config
 
         run = sampling.load_sampling_run(workdir, dataclasses.replace(preset, prior=configs.StandardPrior()))
         check_head_latents(head_report, run, preset, workdir)
         starts = test.subset(np.arange(num))
-        z0 = encode_means(run.params, read_config(workdir), run.statics, starts)
+        z0 = encode_means(run.params, train_config, run.statics, starts)
         traj = jax.jit(lambda z: optimize(head.predict, z, config))(z0)
         z, steps = np.asarray(traj.z), [int(s) for s in traj.steps]
         _savez_atomic(tmp / "trajectory.npz", z=z, head_prediction=np.asarray(traj.value), steps=np.asarray(steps))
